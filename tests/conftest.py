@@ -1,0 +1,92 @@
+"""Shared fixtures: a tiny regression model and dataset, and a callback that records every event."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+from trainer import EVENTS, TrainerCallback
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class TinyRegression(torch.nn.Module):
+    """y = w.x + b with an MSE loss; returns a dict with "loss" (one of the three accepted shapes)."""
+
+    def __init__(self, dim: int = 4, dropout: float = 0.0):
+        super().__init__()
+        self.linear = torch.nn.Linear(dim, 1)
+        self.dropout = torch.nn.Dropout(dropout)
+
+    def forward(self, x, labels=None):
+        pred = self.linear(self.dropout(x)).squeeze(-1)
+        out = {"logits": pred}
+        if labels is not None:
+            out["loss"] = torch.nn.functional.mse_loss(pred, labels)
+        return out
+
+
+class RegressionDataset(torch.utils.data.Dataset):
+    def __init__(self, n: int = 16, dim: int = 4, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(n, dim, generator=g)
+        self.y = self.x @ torch.arange(1.0, dim + 1) + 0.5
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"x": self.x[i], "labels": self.y[i]}
+
+
+class EventRecorder(TrainerCallback):
+    """Records (event, global_step) and the keys of logs / metrics for every event it sees."""
+
+    def __init__(self):
+        self.events: list[tuple] = []
+        self.kwargs_seen: dict[str, set] = {}
+
+    def _record(self, event, state, kwargs):
+        self.kwargs_seen.setdefault(event, set()).update(kwargs)
+        entry = (event, state.global_step)
+        if event == "on_log":
+            entry += (tuple(sorted(kwargs["logs"])),)
+        elif event in ("on_evaluate", "on_predict"):
+            entry += (tuple(sorted(kwargs["metrics"])),)
+        self.events.append(entry)
+
+    def names(self) -> list[str]:
+        return [e[0] for e in self.events]
+
+
+def _make_event(name):
+    def handler(self, args, state, control, **kwargs):
+        self._record(name, state, kwargs)
+    handler.__name__ = name
+    return handler
+
+
+for _name in EVENTS:
+    setattr(EventRecorder, _name, _make_event(_name))
+
+
+@pytest.fixture
+def tiny_model():
+    torch.manual_seed(0)
+    return TinyRegression()
+
+
+@pytest.fixture
+def fg_home(tmp_path, monkeypatch):
+    """A private FG_HOME so tests never touch the user's registry."""
+    home = tmp_path / "fg-home"
+    home.mkdir()
+    monkeypatch.setenv("FG_HOME", str(home))
+    return home
+
+
+def python_bin_dir() -> str:
+    return os.path.dirname(sys.executable)

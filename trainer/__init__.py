@@ -1,0 +1,34 @@
+"""fg-bus's trainer: a PyTorch training loop with transformers' (5.x) callback contract.
+
+    from trainer import Trainer, TrainingArguments, TrainerCallback
+"""
+
+from ._utils import EvalLoopOutput, PredictionOutput, TrainOutput, set_seed
+from .callbacks import EVENTS, CallbackHandler, DefaultFlowCallback, TrainerCallback
+from .default_callbacks import EarlyStoppingCallback, InfoCallback, PrinterCallback, ProgressCallback
+from .state import ExportableState, TrainerControl, TrainerState
+from .trainer import Trainer
+from .training_args import IntervalStrategy, SaveStrategy, SchedulerType, TrainingArguments
+
+__all__ = [
+    "EVENTS",
+    "CallbackHandler",
+    "DefaultFlowCallback",
+    "EarlyStoppingCallback",
+    "EvalLoopOutput",
+    "ExportableState",
+    "InfoCallback",
+    "IntervalStrategy",
+    "PredictionOutput",
+    "PrinterCallback",
+    "ProgressCallback",
+    "SaveStrategy",
+    "SchedulerType",
+    "TrainOutput",
+    "Trainer",
+    "TrainerCallback",
+    "TrainerControl",
+    "TrainerState",
+    "TrainingArguments",
+    "set_seed",
+]

@@ -1,0 +1,252 @@
+"""`TrainingArguments`: the same names, defaults and meaning as `transformers.TrainingArguments` (5.x).
+
+Only the fields this trainer acts on are here. Every value is checked when the object is built, and a
+bad one raises `ValueError` naming the field, so a typo in a config fails before any model is built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class IntervalStrategy(str, enum.Enum):
+    """When to log / evaluate / save. A `str` enum, so it compares equal to `"steps"` and to HF's enum."""
+
+    NO = "no"
+    STEPS = "steps"
+    EPOCH = "epoch"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class SaveStrategy(str, enum.Enum):
+    NO = "no"
+    STEPS = "steps"
+    EPOCH = "epoch"
+    BEST = "best"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class SchedulerType(str, enum.Enum):
+    LINEAR = "linear"
+    COSINE = "cosine"
+    COSINE_WITH_RESTARTS = "cosine_with_restarts"
+    POLYNOMIAL = "polynomial"
+    CONSTANT = "constant"
+    CONSTANT_WITH_WARMUP = "constant_with_warmup"
+    INVERSE_SQRT = "inverse_sqrt"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+def _enum_field(name: str, enum_cls: type[enum.Enum], value: Any) -> enum.Enum:
+    try:
+        return enum_cls(value)
+    except ValueError:
+        choices = ", ".join(repr(m.value) for m in enum_cls)
+        raise ValueError(f"{name}={value!r} is not valid; choose one of {choices}") from None
+
+
+@dataclass(kw_only=True)
+class TrainingArguments:
+    """Arguments of a training run. Field names and defaults follow transformers 5.x."""
+
+    output_dir: str | None = None
+    run_name: str | None = None
+
+    # Length of training
+    num_train_epochs: float = 3.0
+    max_steps: int = -1
+    per_device_train_batch_size: int = 8
+    per_device_eval_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+
+    # Optimizer (AdamW) and schedule
+    learning_rate: float = 5e-5
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    lr_scheduler_type: SchedulerType | str = "linear"
+    warmup_steps: float = 0
+    # transformers 4.x spelling, kept so old configs run: a ratio of max_steps; warmup_steps wins if both set.
+    warmup_ratio: float | None = None
+
+    # Cadences
+    logging_strategy: IntervalStrategy | str = "steps"
+    logging_steps: float = 500
+    logging_first_step: bool = False
+    logging_nan_inf_filter: bool = True
+    eval_strategy: IntervalStrategy | str = "no"
+    eval_steps: float | None = None
+    eval_delay: float = 0
+    save_strategy: SaveStrategy | str = "steps"
+    save_steps: float = 500
+    save_total_limit: int | None = None
+    save_only_model: bool = False
+
+    # Best model
+    metric_for_best_model: str | None = None
+    greater_is_better: bool | None = None
+    load_best_model_at_end: bool = False
+
+    # Resuming
+    resume_from_checkpoint: str | None = None
+    restore_callback_states_from_checkpoint: bool = False
+    ignore_data_skip: bool = False
+
+    # Runtime
+    seed: int = 42
+    bf16: bool = False
+    use_cpu: bool = False
+    disable_tqdm: bool | None = None
+    dataloader_num_workers: int = 0
+    dataloader_drop_last: bool = False
+    report_to: str | list[str] | None = "none"
+
+    def __post_init__(self) -> None:
+        if self.output_dir is None:
+            self.output_dir = "trainer_output"
+        self.output_dir = os.path.expanduser(str(self.output_dir))
+        if self.disable_tqdm is None:
+            self.disable_tqdm = False
+
+        self.logging_strategy = _enum_field("logging_strategy", IntervalStrategy, self.logging_strategy)
+        self.eval_strategy = _enum_field("eval_strategy", IntervalStrategy, self.eval_strategy)
+        self.save_strategy = _enum_field("save_strategy", SaveStrategy, self.save_strategy)
+        self.lr_scheduler_type = _enum_field("lr_scheduler_type", SchedulerType, self.lr_scheduler_type)
+
+        if self.eval_strategy == IntervalStrategy.STEPS and not self.eval_steps:
+            # As in transformers: eval_steps falls back to logging_steps.
+            self.eval_steps = self.logging_steps
+        if self.load_best_model_at_end and self.metric_for_best_model is None:
+            self.metric_for_best_model = "loss"
+        if self.greater_is_better is None and self.metric_for_best_model is not None:
+            self.greater_is_better = not self.metric_for_best_model.endswith("loss")
+        if self.report_to in ("none", ["none"], None):
+            self.report_to = []
+        elif isinstance(self.report_to, str):
+            self.report_to = [self.report_to]
+        self._validate()
+
+    def _validate(self) -> None:
+        def need(ok: bool, name: str, what: str) -> None:
+            if not ok:
+                raise ValueError(f"{name}={getattr(self, name)!r}: {what}")
+
+        need(self.num_train_epochs > 0 or self.max_steps > 0, "num_train_epochs", "must be > 0 (or set max_steps > 0)")
+        need(isinstance(self.max_steps, int) and (self.max_steps > 0 or self.max_steps == -1), "max_steps",
+             "must be a positive integer, or -1 to train for num_train_epochs")
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+            value = getattr(self, name)
+            need(isinstance(value, int) and value >= 1, name, "must be an integer >= 1")
+        need(self.learning_rate >= 0, "learning_rate", "must be >= 0")
+        need(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        need(0 <= self.adam_beta1 < 1, "adam_beta1", "must be in [0, 1)")
+        need(0 <= self.adam_beta2 < 1, "adam_beta2", "must be in [0, 1)")
+        need(self.adam_epsilon > 0, "adam_epsilon", "must be > 0")
+        need(self.max_grad_norm >= 0, "max_grad_norm", "must be >= 0 (0 disables clipping)")
+        need(self.warmup_steps >= 0, "warmup_steps", "must be >= 0 (below 1 it is a ratio of max_steps)")
+        need(self.warmup_ratio is None or 0 <= self.warmup_ratio <= 1, "warmup_ratio", "must be in [0, 1]")
+        for strategy, steps in (("logging_strategy", "logging_steps"), ("eval_strategy", "eval_steps"),
+                                ("save_strategy", "save_steps")):
+            if getattr(self, strategy) != IntervalStrategy.STEPS:
+                continue
+            value = getattr(self, steps)
+            need(value is not None and value > 0, steps, f"must be > 0 when {strategy}='steps'")
+            need(value < 1 or value == int(value), steps,
+                 "must be an integer when >= 1 (a float below 1 is a ratio of max_steps)")
+        need(self.eval_delay >= 0, "eval_delay", "must be >= 0")
+        need(self.save_total_limit is None or self.save_total_limit >= 1, "save_total_limit",
+             "must be None (keep all) or >= 1")
+        need(self.dataloader_num_workers >= 0, "dataloader_num_workers", "must be >= 0")
+        need(isinstance(self.seed, int), "seed", "must be an integer")
+        if self.load_best_model_at_end:
+            need(self.eval_strategy != IntervalStrategy.NO, "load_best_model_at_end",
+                 "needs an eval_strategy other than 'no'")
+            if self.save_strategy != SaveStrategy.BEST:
+                need(self.eval_strategy.value == self.save_strategy.value, "load_best_model_at_end",
+                     f"needs save_strategy to match eval_strategy (got save_strategy={self.save_strategy.value!r}, "
+                     f"eval_strategy={self.eval_strategy.value!r})")
+                if self.eval_strategy == IntervalStrategy.STEPS and self.save_steps >= 1 and self.eval_steps >= 1:
+                    need(self.save_steps % self.eval_steps == 0, "save_steps",
+                         f"must be a multiple of eval_steps={self.eval_steps} when load_best_model_at_end=True")
+        if self.save_strategy == SaveStrategy.BEST:
+            need(self.metric_for_best_model is not None, "save_strategy",
+                 "'best' needs metric_for_best_model")
+
+    # -- derived values -------------------------------------------------------------------------------
+
+    @property
+    def train_batch_size(self) -> int:
+        return self.per_device_train_batch_size
+
+    @property
+    def eval_batch_size(self) -> int:
+        return self.per_device_eval_batch_size
+
+    @property
+    def device(self):
+        """The device this process trains on: the CPU when `use_cpu` or when no CUDA device exists."""
+        import torch
+
+        if not self.use_cpu and torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+
+    @property
+    def world_size(self) -> int:
+        return int(os.environ.get("WORLD_SIZE", 1))
+
+    @property
+    def process_index(self) -> int:
+        return int(os.environ.get("RANK", 0))
+
+    @property
+    def local_process_index(self) -> int:
+        return int(os.environ.get("LOCAL_RANK", 0))
+
+    @property
+    def should_save(self) -> bool:
+        return self.process_index == 0
+
+    def get_warmup_steps(self, num_training_steps: int) -> int:
+        if self.warmup_steps >= 1:
+            return int(self.warmup_steps)
+        ratio = self.warmup_steps if self.warmup_steps > 0 else (self.warmup_ratio or 0.0)
+        return math.ceil(num_training_steps * ratio)
+
+    # -- serialisation --------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able values: enums become their strings."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, enum.Enum):
+                value = value.value
+            elif isinstance(value, list) and value and isinstance(value[0], enum.Enum):
+                value = [v.value for v in value]
+            out[f.name] = value
+        return out
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def to_sanitized_dict(self) -> dict[str, Any]:
+        return {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in self.to_dict().items()}
+
+    @classmethod
+    def field_names(cls) -> frozenset[str]:
+        return frozenset(f.name for f in dataclasses.fields(cls))
