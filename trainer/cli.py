@@ -1,0 +1,174 @@
+"""`fg-train`: train the built-in character GPT, or what a YAML config describes."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from . import _checkpoint as ckpt
+from ._utils import set_seed
+from .config import ConfigError, load_config, parse_value, peek_seed
+from .run_config import build_trainer, default_config_path
+
+logger = logging.getLogger("trainer")
+
+EPILOG = """\
+examples:
+  fg-train                                  train the built-in char GPT on the CPU (about a minute)
+  fg-train --max-steps 100 --device cpu     a shorter run
+  fg-train examples/custom_callbacks.yaml --var run_name=trial-1
+  fg-train --output-dir runs/a --resume     continue from the newest checkpoint in runs/a
+"""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer (1 or more), got {value}")
+    return value
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def _variable(text: str) -> tuple[str, Any]:
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    return name, parse_value(value)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fg-train", description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", nargs="?", type=Path,
+                   help="a YAML config (default: the built-in char GPT, trainer/default.yaml)")
+    p.add_argument("--max-steps", type=_positive_int, metavar="N", help="optimizer steps to train (overrides args)")
+    p.add_argument("--output-dir", type=Path, metavar="DIR",
+                   help="where checkpoints and the final model go (default: the config's, else fg-runs/NAME-TIME)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto: CUDA with bf16 when a GPU is present, else the CPU (default: auto)")
+    p.add_argument("--seed", type=_int, metavar="N", help="random seed (overrides args)")
+    p.add_argument("--resume", nargs="?", const=True, metavar="CHECKPOINT",
+                   help="resume from CHECKPOINT, or with no value from the newest checkpoint in the output dir")
+    p.add_argument("--var", type=_variable, action="append", default=[], metavar="NAME=VALUE",
+                   help="a value for `!var NAME` in the config (repeatable; VALUE is read as YAML)")
+    p.add_argument("--no-progress", action="store_true", help="print log lines instead of a progress bar")
+    return p
+
+
+def _device_overrides(device: str, config_args: Any) -> dict[str, Any]:
+    import torch
+
+    if device == "cpu":
+        return {"use_cpu": True}
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("fg-train: error: --device cuda, but torch sees no CUDA device "
+                         f"(torch {torch.__version__}); use --device cpu or auto")
+    explicit_bf16 = isinstance(config_args, dict) and "bf16" in config_args
+    if torch.cuda.is_available() and not explicit_bf16:
+        return {"use_cpu": False, "bf16": torch.cuda.is_bf16_supported()}
+    return {}
+
+
+def main(argv: list[str] | None = None) -> int:
+    opts = parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    config_path = opts.config or default_config_path()
+    # Seed before the config builds the model, so its initial weights are the same on every run.
+    seed = opts.seed if opts.seed is not None else peek_seed(config_path)
+    set_seed(seed if seed is not None else 42)
+    try:
+        config = load_config(config_path, dict(opts.var))
+    except ConfigError as e:
+        print(f"fg-train: error: {e}", file=sys.stderr)
+        return 2
+    raw_args = config.values.get("args", {})
+    overrides: dict[str, Any] = _device_overrides(opts.device, raw_args)
+    if opts.max_steps is not None:
+        overrides["max_steps"] = opts.max_steps
+    if opts.seed is not None:
+        overrides["seed"] = opts.seed
+    if opts.no_progress:
+        overrides["disable_tqdm"] = True
+    if opts.output_dir is not None:
+        overrides["output_dir"] = str(opts.output_dir)
+    elif not (isinstance(raw_args, dict) and raw_args.get("output_dir")):
+        name = "chargpt" if opts.config is None else opts.config.stem
+        overrides["output_dir"] = str(Path("fg-runs", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"))
+    try:
+        trainer = build_trainer(config, overrides)
+    except ConfigError as e:
+        print(f"fg-train: error: {e}", file=sys.stderr)
+        return 2
+
+    resume = opts.resume
+    if resume is True and ckpt.latest_checkpoint(trainer.args.output_dir) is None:
+        print(f"fg-train: error: --resume: no checkpoint-* directory in {trainer.args.output_dir}; "
+              "pass --output-dir of the run to resume, or --resume PATH", file=sys.stderr)
+        return 2
+    try:
+        result = trainer.train(resume_from_checkpoint=resume)
+    except KeyboardInterrupt:
+        command = " ".join(["fg-train", *([str(opts.config)] if opts.config else []),
+                            "--output-dir", trainer.args.output_dir, "--resume"])
+        print(f"\nfg-train: interrupted at step {trainer.state.global_step}. Resume from the last checkpoint "
+              f"with:\n  {command}", file=sys.stderr)
+        return 130
+    except ValueError as e:
+        print(f"fg-train: error: {e}", file=sys.stderr)
+        return 2
+    out_dir = trainer.save_model()
+    trainer.state.save_to_json(str(out_dir / ckpt.TRAINER_STATE_NAME))
+    _print_summary(trainer, result, out_dir)
+    return 0
+
+
+def _print_summary(trainer, result, out_dir: Path) -> None:
+    history = trainer.state.log_history
+    last_loss = next((h["loss"] for h in reversed(history) if "loss" in h), None)
+    last_eval = next((h["eval_loss"] for h in reversed(history) if "eval_loss" in h), None)
+    lines = [f"\nDone: {result.global_step} steps in {result.metrics.get('train_runtime', 0):.1f} s"
+             + (f", last loss {last_loss:.4f}" if last_loss is not None else "")
+             + (f", eval_loss {last_eval:.4f}" if last_eval is not None else "")]
+    sample = _sample(trainer)
+    if sample:
+        lines.append(f"  sample:      {sample!r}")
+    lines.append(f"  model:       {out_dir}/")
+    checkpoints = ckpt.sorted_checkpoints(out_dir)
+    if checkpoints:
+        lines.append(f"  checkpoints: {', '.join(c.name for c in checkpoints)} in {out_dir}/")
+    lines.append(f"  log history: {out_dir / ckpt.TRAINER_STATE_NAME}")
+    print("\n".join(lines), flush=True)
+
+
+def _sample(trainer, prompt: str = "The ", max_new_tokens: int = 60) -> str | None:
+    """A short greedy continuation, when the model can generate and the tokenizer can encode/decode."""
+    model, tok = trainer.model, trainer.processing_class
+    if not (hasattr(model, "generate") and hasattr(tok, "encode") and hasattr(tok, "decode")):
+        return None
+    import torch
+
+    ids = torch.tensor([tok.encode(prompt)], device=trainer.args.device)
+    model.eval()
+    try:
+        out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
+    except (TypeError, ValueError, RuntimeError) as e:
+        logger.info("no sample: %s", e)
+        return None
+    return tok.decode(out[0].tolist())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

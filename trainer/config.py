@@ -1,0 +1,250 @@
+"""YAML configurations in the seed document's style.
+
+Tags:
+  `!singleton:module:Callable`  call `Callable` once: with a sequence (positional arguments), a mapping
+                                (keyword arguments, or `args:` / `kwargs:` keys), a scalar (one argument)
+                                or nothing. An anchored node is built once; every alias shares it.
+  `!list` / `!list:@name`       a list (the name labels it, for `named`)
+  `!dict` / `!dict:@name`       a dict
+  `!var NAME`                   a value the caller passes in (`fg-train CONFIG --var NAME=VALUE`)
+plus YAML's own anchors, aliases and `<<` merge keys.
+
+Nothing is evaluated: a tag names an importable callable, and arguments are plain YAML values. Every
+error names the file and line: an unknown tag, a failed import, a bad keyword, a missing variable.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+KNOWN_TAGS = ("!singleton:module:Callable", "!list[:@name]", "!dict[:@name]", "!var NAME")
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with the file and line it comes from."""
+
+
+def _where(loader: "_Loader", node: yaml.Node) -> str:
+    return f"{loader.config_path}:{node.start_mark.line + 1}"
+
+
+def _import_target(loader: "_Loader", node: yaml.Node, target: str):
+    module_name, sep, attr_path = target.partition(":")
+    if not sep or not module_name or not attr_path:
+        raise ConfigError(f"{_where(loader, node)}: !singleton:{target} should name module:Callable, "
+                          "e.g. !singleton:trainer:TrainingArguments")
+    try:
+        obj = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ConfigError(f"{_where(loader, node)}: cannot import {module_name!r} for !singleton:{target}: {e}") from e
+    except Exception as e:  # the module exists but fails while importing (a SyntaxError in my_callbacks.py)
+        raise ConfigError(f"{_where(loader, node)}: importing {module_name!r} for !singleton:{target} failed: "
+                          f"{type(e).__name__}: {e}") from e
+    for attr in attr_path.split("."):
+        try:
+            obj = getattr(obj, attr)
+        except AttributeError:
+            raise ConfigError(f"{_where(loader, node)}: module {module_name!r} has no attribute {attr_path!r} "
+                              f"(from !singleton:{target})") from None
+    if not callable(obj):
+        raise ConfigError(f"{_where(loader, node)}: {target} is not callable")
+    return obj
+
+
+def _construct_singleton(loader: "_Loader", target: str, node: yaml.Node):
+    fn = _import_target(loader, node, target)
+    args: list = []
+    kwargs: dict = {}
+    if isinstance(node, yaml.SequenceNode):
+        args = loader.construct_sequence(node, deep=True)
+    elif isinstance(node, yaml.MappingNode):
+        mapping = loader.construct_mapping(node, deep=True)
+        if mapping and set(mapping) <= {"args", "kwargs"}:
+            args, kwargs = mapping.get("args") or [], mapping.get("kwargs") or {}
+            if not isinstance(args, list):
+                raise ConfigError(f"{_where(loader, node)}: args: of {target} must be a list, "
+                                  f"got {type(args).__name__}")
+            if not isinstance(kwargs, dict):
+                raise ConfigError(f"{_where(loader, node)}: kwargs: of {target} must be a mapping, "
+                                  f"got {type(kwargs).__name__}")
+            args, kwargs = list(args), dict(kwargs)
+        else:
+            kwargs = mapping
+    else:
+        value = loader.construct_scalar(node)
+        if value:
+            args = [value]  # a scalar is one (string) argument: !singleton:pathlib:Path ./runs
+    bad_keys = [k for k in kwargs if not isinstance(k, str)]
+    if bad_keys:
+        raise ConfigError(f"{_where(loader, node)}: keyword names must be strings, got {bad_keys!r}")
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # some builtins have no signature: let the call itself check
+        signature = None
+    if signature is not None:
+        try:
+            signature.bind(*args, **kwargs)
+        except TypeError as e:
+            raise ConfigError(f"{_where(loader, node)}: bad arguments for {target}: {e}") from None
+    try:
+        return fn(*args, **kwargs)
+    except ConfigError:
+        raise
+    except Exception as e:
+        raise ConfigError(f"{_where(loader, node)}: {target}(...) failed: {type(e).__name__}: {e}") from e
+
+
+def _label(loader: "_Loader", suffix: str, node: yaml.Node, kind: str) -> str | None:
+    if not suffix:
+        return None
+    if not suffix.startswith(":@") or len(suffix) < 3:
+        raise ConfigError(f"{_where(loader, node)}: unknown tag !{kind}{suffix}; write !{kind} or !{kind}:@name")
+    return suffix[2:]
+
+
+def _construct_list(loader: "_Loader", suffix: str, node: yaml.Node):
+    name = _label(loader, suffix, node, "list")
+    if not isinstance(node, yaml.SequenceNode):
+        raise ConfigError(f"{_where(loader, node)}: !list needs a sequence")
+    value = loader.construct_sequence(node, deep=True)
+    if name:
+        loader.named[name] = value
+    return value
+
+
+def _construct_dict(loader: "_Loader", suffix: str, node: yaml.Node):
+    name = _label(loader, suffix, node, "dict")
+    if not isinstance(node, yaml.MappingNode):
+        raise ConfigError(f"{_where(loader, node)}: !dict needs a mapping")
+    value = loader.construct_mapping(node, deep=True)
+    if name:
+        loader.named[name] = value
+    return value
+
+
+def _construct_var(loader: "_Loader", node: yaml.Node):
+    if not isinstance(node, yaml.ScalarNode) or not loader.construct_scalar(node):
+        raise ConfigError(f"{_where(loader, node)}: !var needs a variable name, e.g. !var run_name")
+    name = loader.construct_scalar(node)
+    if name not in loader.variables:
+        known = ", ".join(sorted(loader.variables)) or "none"
+        raise ConfigError(f"{_where(loader, node)}: variable {name!r} was not given (known: {known}); "
+                          f"pass it with --var {name}=VALUE")
+    return loader.variables[name]
+
+
+class _PlainLoader(yaml.SafeLoader):
+    """SafeLoader reading exponent floats as floats (below); used for --var values and as _Loader's base."""
+
+
+# YAML 1.1 (PyYAML) reads `1e-4` and `5.0e9` as strings; YAML 1.2, and everyone writing `learning_rate: 1e-4`,
+# means a float. Floats with a dot and a signed exponent (`3.0e-3`) already resolve; this adds the rest.
+_PlainLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
+def parse_value(text: str) -> Any:
+    """A command-line value read as a YAML scalar the way a config reads it (`1e-4` is a float)."""
+    return yaml.load(text, Loader=_PlainLoader) if text else ""
+
+
+def peek_seed(path: str | Path) -> int | None:
+    """`args: seed:` from a config, read without building anything (so the seed can be set first)."""
+    try:
+        node = yaml.compose(Path(path).read_text(encoding="utf-8"), Loader=yaml.SafeLoader)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None  # load_config reports the problem properly
+    if not isinstance(node, yaml.MappingNode):
+        return None
+    for key, value in node.value:
+        if key.value == "args" and isinstance(value, yaml.MappingNode):
+            for k, v in value.value:
+                if k.value == "seed" and isinstance(v, yaml.ScalarNode):
+                    try:
+                        return int(v.value)
+                    except ValueError:
+                        return None
+    return None
+
+
+class _Loader(_PlainLoader):
+    """A SafeLoader with the fg tags; one instance per file, holding its variables and named values."""
+
+    def __init__(self, stream, config_path: str, variables: dict[str, Any]):
+        super().__init__(stream)
+        self.config_path = config_path
+        self.variables = variables
+        self.named: dict[str, Any] = {}
+
+    def construct_undefined(self, node):
+        raise ConfigError(f"{_where(self, node)}: unknown tag {node.tag}; known tags: {', '.join(KNOWN_TAGS)}")
+
+
+_Loader.add_multi_constructor("!singleton:", _construct_singleton)
+_Loader.add_multi_constructor("!list", _construct_list)
+_Loader.add_multi_constructor("!dict", _construct_dict)
+_Loader.add_constructor("!var", _construct_var)
+# Route every other tag, including YAML's unknown "!!python/..." ones, to construct_undefined.
+_Loader.add_constructor(None, _Loader.construct_undefined)
+
+
+@dataclass
+class LoadedConfig:
+    """The top-level mapping of a config file, with where each top-level key sits."""
+
+    path: Path
+    values: dict[str, Any]
+    lines: dict[str, int] = field(default_factory=dict)
+    named: dict[str, Any] = field(default_factory=dict)
+
+    def where(self, key: str) -> str:
+        return f"{self.path}:{self.lines[key]}" if key in self.lines else str(self.path)
+
+
+def load_config(path: str | Path, variables: dict[str, Any] | None = None) -> LoadedConfig:
+    """Parse and build a configuration file. Raises ConfigError (file:line: reason) on any problem."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    # Modules beside the config (my_callbacks.py) import as they would from a script in that directory.
+    config_dir = str(path.resolve().parent)
+    if config_dir not in sys.path:
+        sys.path.insert(0, config_dir)
+    try:
+        loader = _Loader(text, str(path), dict(variables or {}))
+    except yaml.reader.ReaderError as e:  # a control character: checked before any parsing, so no mark
+        line = text.count("\n", 0, e.position) + 1
+        raise ConfigError(f"{path}:{line}: invalid YAML: unacceptable character #x{e.character:04x}: "
+                          f"{e.reason}") from None
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            raise ConfigError(f"{path}: the file is empty")
+        if not isinstance(node, yaml.MappingNode):
+            raise ConfigError(f"{path}:{node.start_mark.line + 1}: the top level must be a mapping of keys")
+        lines = {key.value: key.start_mark.line + 1 for key, _ in node.value if isinstance(key, yaml.ScalarNode)}
+        values = loader.construct_document(node)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        line = f":{mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}{line}: invalid YAML: {e.problem or e}") from None
+    finally:
+        loader.dispose()
+    return LoadedConfig(path=path, values=values, lines=lines, named=loader.named)
