@@ -110,24 +110,20 @@ def _label(loader: "_Loader", suffix: str, node: yaml.Node, kind: str) -> str | 
     return suffix[2:]
 
 
-def _construct_list(loader: "_Loader", suffix: str, node: yaml.Node):
-    name = _label(loader, suffix, node, "list")
-    if not isinstance(node, yaml.SequenceNode):
-        raise ConfigError(f"{_where(loader, node)}: !list needs a sequence")
-    value = loader.construct_sequence(node, deep=True)
-    if name:
-        loader.named[name] = value
-    return value
+def _collection_constructor(kind: str, node_type: type, construct: str):
+    def build(loader: "_Loader", suffix: str, node: yaml.Node):
+        name = _label(loader, suffix, node, kind)
+        if not isinstance(node, node_type):
+            raise ConfigError(f"{_where(loader, node)}: !{kind} needs a {node_type.id}")
+        value = getattr(loader, construct)(node, deep=True)
+        if name:
+            loader.named[name] = value
+        return value
+    return build
 
 
-def _construct_dict(loader: "_Loader", suffix: str, node: yaml.Node):
-    name = _label(loader, suffix, node, "dict")
-    if not isinstance(node, yaml.MappingNode):
-        raise ConfigError(f"{_where(loader, node)}: !dict needs a mapping")
-    value = loader.construct_mapping(node, deep=True)
-    if name:
-        loader.named[name] = value
-    return value
+_construct_list = _collection_constructor("list", yaml.SequenceNode, "construct_sequence")
+_construct_dict = _collection_constructor("dict", yaml.MappingNode, "construct_mapping")
 
 
 def _construct_var(loader: "_Loader", node: yaml.Node):

@@ -442,12 +442,7 @@ class Trainer:
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         """Evaluate; logs `{prefix}_loss` and speed metrics (on_log), then fires on_evaluate."""
-        dataloader = self.get_eval_dataloader(eval_dataset)
-        start_time = time.time()
-        output = self.evaluation_loop(dataloader, "Evaluation", prediction_loss_only=True,
-                                      metric_key_prefix=metric_key_prefix)
-        batches = math.ceil(output.num_samples / self.args.eval_batch_size)
-        output.metrics.update(speed_metrics(metric_key_prefix, start_time, output.num_samples, batches))
+        output = self._timed_loop(eval_dataset, "Evaluation", True, metric_key_prefix)
         self.log(output.metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control,
                                                          metrics=output.metrics)
@@ -455,15 +450,19 @@ class Trainer:
 
     def predict(self, test_dataset, ignore_keys=None, metric_key_prefix: str = "test") -> PredictionOutput:
         """Run the model over `test_dataset`; returns predictions (logits), labels and metrics; fires on_predict."""
-        dataloader = self.get_eval_dataloader(test_dataset)
-        start_time = time.time()
-        output = self.evaluation_loop(dataloader, "Prediction", prediction_loss_only=False,
-                                      metric_key_prefix=metric_key_prefix)
-        batches = math.ceil(output.num_samples / self.args.eval_batch_size)
-        output.metrics.update(speed_metrics(metric_key_prefix, start_time, output.num_samples, batches))
+        output = self._timed_loop(test_dataset, "Prediction", False, metric_key_prefix)
         self.control = self.callback_handler.on_predict(self.args, self.state, self.control,
                                                         metrics=output.metrics)
         return PredictionOutput(output.predictions, output.label_ids, output.metrics)
+
+    def _timed_loop(self, dataset, description: str, prediction_loss_only: bool, prefix: str) -> EvalLoopOutput:
+        dataloader = self.get_eval_dataloader(dataset)
+        start_time = time.time()
+        output = self.evaluation_loop(dataloader, description, prediction_loss_only=prediction_loss_only,
+                                      metric_key_prefix=prefix)
+        batches = math.ceil(output.num_samples / self.args.eval_batch_size)
+        output.metrics.update(speed_metrics(prefix, start_time, output.num_samples, batches))
+        return output
 
     def evaluation_loop(self, dataloader, description: str, prediction_loss_only: bool | None = None,
                         ignore_keys=None, metric_key_prefix: str = "eval") -> EvalLoopOutput:
