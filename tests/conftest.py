@@ -79,11 +79,12 @@ def tiny_model():
     return TinyRegression()
 
 
-@pytest.fixture
-def fg_home(tmp_path, monkeypatch):
-    """A private FG_HOME so tests never touch the user's registry."""
-    home = tmp_path / "fg-home"
-    home.mkdir()
+@pytest.fixture(autouse=True)
+def fg_home(tmp_path_factory, monkeypatch):
+    """A private FG_HOME for every test (and the processes it starts): never the user's registry. Kept out
+    of tmp_path, so tests can check what a command wrote there."""
+    home = tmp_path_factory.mktemp("fg-home")
+    home.chmod(0o700)
     monkeypatch.setenv("FG_HOME", str(home))
     return home
 

@@ -1,0 +1,160 @@
+"""The wire format, defined once: schema v1 records, their encoding, and the ZeroMQ frame layout.
+
+A record is one JSON object (orjson) per event. The same bytes go on the wire, into the journal, and
+(one per line) into JSON logs. ZeroMQ messages are two frames, `[event, record]`, so a subscriber can
+filter by event name with a prefix subscription.
+
+Non-finite floats are written as the strings "NaN", "Infinity", "-Infinity" (orjson alone would write
+null and a diverging loss would vanish) and decoded back to floats in `metrics` and `epoch`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from typing import Any
+
+import orjson
+
+SCHEMA_VERSION = 1
+REQUIRED_FIELDS = ("v", "run", "rank", "seq", "timestamp", "event")
+#: Events the bus itself emits (beside the fifteen trainer events).
+HEARTBEAT = "heartbeat"
+END = "end"
+CONTROL = "control"
+
+_NONFINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+_OPTIONS = orjson.OPT_SERIALIZE_NUMPY
+
+
+class RecordError(ValueError):
+    """A record or message that cannot be accepted; `reason` is a short category for counting."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+class EncodeError(TypeError):
+    """A value that cannot be encoded; the message names its key path."""
+
+
+def now() -> datetime:
+    """The record timestamp: an aware UTC datetime, written by orjson as ISO 8601."""
+    return datetime.now(timezone.utc)
+
+
+def _scalar(obj: Any) -> Any:
+    """orjson's fallback: 0-d / one-element torch tensors and anything with `.item()` become Python numbers."""
+    item = getattr(obj, "item", None)
+    if item is not None and getattr(obj, "numel", lambda: 1)() == 1:
+        return item()
+    raise TypeError
+
+
+def _sanitize(obj: Any, path: str) -> Any:
+    """A copy with non-finite floats as strings and scalar tensors as numbers; EncodeError names a bad leaf."""
+    if isinstance(obj, float) or type(obj).__name__.startswith("float"):
+        value = float(obj)
+        if math.isfinite(value):
+            return value
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(obj, int) and not isinstance(obj, bool) and not -(1 << 63) <= obj < (1 << 64):
+        raise EncodeError(f"cannot encode {path or 'record'}: integer {obj} does not fit in 64 bits")
+    if obj is None or isinstance(obj, (str, int, bool, datetime)):
+        return obj
+    if isinstance(obj, Mapping):
+        out = {}
+        for key, value in obj.items():
+            if not isinstance(key, str):
+                raise EncodeError(f"cannot encode {path or 'record'}: key {key!r} is not a string")
+            out[key] = _sanitize(value, f"{path}.{key}" if path else key)
+        return out
+    if isinstance(obj, (list, tuple)):
+        return [_sanitize(v, f"{path}[{i}]") for i, v in enumerate(obj)]
+    if type(obj).__module__ == "numpy" and hasattr(obj, "tolist"):
+        return _sanitize(obj.tolist(), path)
+    try:
+        return _sanitize(_scalar(obj), path)
+    except TypeError:
+        raise EncodeError(f"cannot encode {path or 'record'}: {type(obj).__module__}.{type(obj).__qualname__} "
+                          "is not a JSON value (use numbers, strings, lists and dicts)") from None
+
+
+def encode(record: Mapping[str, Any], plain: bool = False) -> bytes:
+    """Encode a record. Fast path: one orjson call; only a record that held a null (possibly a NaN that
+    orjson turned into null) or an unsupported type is walked and encoded again. `plain=True` promises
+    the record holds only finite numbers and strings (the caller built it so) and skips that check."""
+    try:
+        data = orjson.dumps(record, default=_scalar, option=_OPTIONS)
+    except TypeError:
+        data = None
+    if data is None or (not plain and b"null" in data):
+        data = orjson.dumps(_sanitize(record, ""), option=_OPTIONS)
+    return data
+
+
+def _restore(obj: Any) -> Any:
+    if isinstance(obj, str):
+        return _NONFINITE.get(obj, obj)
+    if isinstance(obj, dict):
+        return {k: _restore(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_restore(v) for v in obj]
+    return obj
+
+
+def validate(record: Any) -> dict:
+    """Check a decoded value is a v1 record; restore non-finite floats. Raises RecordError with a reason."""
+    if not isinstance(record, dict):
+        raise RecordError("not-an-object", f"a record must be a JSON object, got {type(record).__name__}")
+    missing = [f for f in REQUIRED_FIELDS if f not in record]
+    if missing:
+        raise RecordError("missing-field", f"record lacks {', '.join(missing)}")
+    version = record["v"]
+    if not isinstance(version, int) or isinstance(version, bool) or version != SCHEMA_VERSION:
+        raise RecordError("unknown-version", f"schema version {version!r}; this reader knows {SCHEMA_VERSION}")
+    seq, rank = record["seq"], record["rank"]
+    if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
+        raise RecordError("bad-field", f"seq must be an integer >= 0, got {seq!r}")
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 0:
+        raise RecordError("bad-field", f"rank must be an integer >= 0, got {rank!r}")
+    if not isinstance(record["event"], str) or not record["event"]:
+        raise RecordError("bad-field", f"event must be a non-empty string, got {record['event']!r}")
+    if not isinstance(record["run"], str):
+        raise RecordError("bad-field", f"run must be a string, got {record['run']!r}")
+    metrics = record.get("metrics")
+    if metrics is not None:
+        if not isinstance(metrics, dict):
+            raise RecordError("bad-field", f"metrics must be an object, got {type(metrics).__name__}")
+        record["metrics"] = _restore(metrics)
+    if isinstance(record.get("epoch"), str):
+        record["epoch"] = _restore(record["epoch"])
+    return record
+
+
+def decode(data: bytes | bytearray | memoryview | str) -> dict:
+    """Decode and validate one record."""
+    try:
+        value = orjson.loads(data)
+    except orjson.JSONDecodeError as e:
+        raise RecordError("not-json", str(e)) from None
+    return validate(value)
+
+
+# -- frames ----------------------------------------------------------------------------------------------
+
+def frames(event: str, data: bytes) -> list[bytes]:
+    """The multipart message for one encoded record."""
+    return [event.encode(), data]
+
+
+def parse_frames(parts: list[bytes]) -> dict:
+    """Check and decode `[event, record]`; the topic must match the record's event."""
+    if len(parts) != 2:
+        raise RecordError("frame-count", f"expected 2 frames [event, record], got {len(parts)}")
+    record = decode(parts[1])
+    if parts[0] != record["event"].encode():
+        raise RecordError("topic-mismatch", f"topic {bytes(parts[0])[:40]!r} != event {record['event']!r}")
+    return record

@@ -1,0 +1,315 @@
+"""Following a run: live records plus catch-up from the journal, in seq order, each exactly once.
+
+The Clone pattern: connect SUB first, then ask the replay endpoint for everything from the seq we need,
+apply it, and drop live records we already have. A hole in the live seq (a record dropped for a slow
+subscriber) or a heartbeat announcing records we never saw triggers another replay. The `end` record
+finishes the stream with the run's status; silence past `dead_after` seconds finishes it as `dead`, after
+reading whatever the journal still holds. A run that is over is read straight from its journal file.
+
+    for record in Subscriber("latest"):      # waits for a run to start if none is live
+        ...
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+import orjson
+import zmq
+
+from . import records, registry, security
+from .journal import JournalStats, read_journal, split_records
+
+logger = logging.getLogger(__name__)
+
+MAX_MESSAGE_BYTES = 64 << 20
+
+
+@dataclass
+class SubscriberStats:
+    """Records received live and by replay; those received twice count as duplicates, so the records
+    delivered are live + replayed - duplicates."""
+
+    live: int = 0
+    replayed: int = 0
+    duplicates: int = 0
+    gaps_repaired: int = 0
+    malformed: dict[str, int] = field(default_factory=dict)
+
+    def count_malformed(self, reason: str) -> None:
+        self.malformed[reason] = self.malformed.get(reason, 0) + 1
+
+    @property
+    def malformed_total(self) -> int:
+        return sum(self.malformed.values())
+
+
+class Subscriber:
+    """Follow one run's records (rank 0). `run`: "latest", a run id, or a directory.
+
+    from_seq: the first seq wanted (0: the whole history; None: from now on).
+    events: deliver only these event names (the `end` record always comes through).
+    wait: seconds to wait for a live run when `run` is "latest" and none is live (None: forever).
+    dead_after: seconds without a heartbeat before the trainer is declared dead.
+    """
+
+    def __init__(self, run: str = "latest", *, from_seq: int | None = 0, events: Iterable[str] | None = None,
+                 wait: float | None = None, dead_after: float = 5.0, rank: int = 0):
+        self.spec = run
+        self.events = frozenset(events) if events else None
+        self.dead_after = dead_after
+        self.rank = rank
+        self.stats = SubscriberStats()
+        self.status: str | None = None  # set when the stream is over: completed / interrupted / failed / dead
+        self.info = registry.wait_for_run(run, wait) if run == "latest" else registry.resolve(run)
+        self._expected = from_seq
+        self._buffer: dict[int, dict] = {}
+        self._replaying = False
+        self._end_waiting_since: float | None = None  # the end record arrived, but records before it did not
+        self._ctx: zmq.Context | None = None
+        self._journal_iter: Iterator[dict] | None = None
+        self._journal_stats = JournalStats()
+        if self.info.is_live:
+            self._connect()
+        else:
+            self._open_journal(self._expected or 0)
+
+    @property
+    def finished(self) -> bool:
+        return self.status is not None
+
+    @property
+    def caught_up(self) -> bool:
+        """True once the history asked for has been replayed (no replay in flight)."""
+        return not self._replaying and self._expected is not None
+
+    @property
+    def run_id(self) -> str:
+        return self.info.run_id
+
+    # -- set-up ----------------------------------------------------------------------------------------
+
+    def _connect(self) -> None:
+        endpoints = self.info.ranks.get(str(self.rank))
+        if endpoints is None:
+            raise registry.RunNotFound(f"run {self.info.run_id} has no rank {self.rank}")
+        self._ctx = zmq.Context()
+        self._sub = self._ctx.socket(zmq.SUB)
+        self._dealer = self._ctx.socket(zmq.DEALER)
+        server_key = self.info.data.get("curve_server_key")
+        for sock in (self._sub, self._dealer):
+            sock.linger = 0
+            sock.maxmsgsize = MAX_MESSAGE_BYTES
+            if server_key:
+                security.make_client(sock, server_key.encode())
+        self._sub.rcvhwm = 200_000
+        self._sub.setsockopt(zmq.SUBSCRIBE, b"")  # every event: filtering here would look like holes in seq
+        self._sub.connect(endpoints["pub"])
+        self._dealer.connect(endpoints["replay"])
+        self._poller = zmq.Poller()
+        self._poller.register(self._sub, zmq.POLLIN)
+        self._poller.register(self._dealer, zmq.POLLIN)
+        self._last_heard = time.monotonic()
+        self._request_replay(self._expected)
+
+    def _open_journal(self, from_seq: int) -> None:
+        path = self.info.journal_path(self.rank)
+        if not path.exists():
+            self._journal_iter = iter(())
+        else:
+            self._journal_iter = read_journal(path, from_seq, self._journal_stats)
+
+    def _request_replay(self, from_seq: int | None) -> None:
+        """Ask for the journal from `from_seq`; None asks only where "now" is (the next seq)."""
+        request = {"op": "position"} if from_seq is None else {"op": "replay", "from": from_seq}
+        self._dealer.send(orjson.dumps(request))
+        self._replaying = True
+
+    # -- reading ---------------------------------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[dict]:
+        try:
+            while not self.finished:
+                yield from self.poll(0.5)
+        finally:
+            self.close()
+
+    def poll(self, timeout: float = 0.5) -> list[dict]:
+        """Records that are ready, in order (waits up to `timeout` s for the first). [] once finished."""
+        if self.finished:
+            return []
+        if self._journal_iter is not None:
+            return self._poll_journal()
+        out: list[dict] = []
+        deadline = time.monotonic() + timeout
+        while not self.finished:
+            remaining = max(0.0, deadline - time.monotonic())
+            events = dict(self._poller.poll(int(remaining * 1000)))
+            if self._dealer in events:
+                self._take_replies(out)
+            if self._sub in events:
+                self._take_live(out)
+            if self._end_waiting_since is not None and time.monotonic() - self._end_waiting_since > 0.5:
+                # The trainer has ended and will answer no more replays: the journal has the rest.
+                self._finish_from_journal(out, "the run ended with records still missing here")
+                break
+            if out or time.monotonic() >= deadline:
+                break
+            if time.monotonic() - self._last_heard > self.dead_after:
+                self._finish_from_journal(out, f"no heartbeat for {self.dead_after:.1f} s")
+                break
+        if not self.finished and time.monotonic() - self._last_heard > self.dead_after:
+            self._finish_from_journal(out, f"no heartbeat for {self.dead_after:.1f} s")
+        return out
+
+    def _poll_journal(self, batch: int = 10_000) -> list[dict]:
+        out = []
+        for record in self._journal_iter:
+            if self._expected is not None and record["seq"] < self._expected:
+                continue
+            self._deliver(record, out)
+            self.stats.replayed += 1
+            if self.finished or len(out) >= batch:
+                return out
+        # The journal is exhausted without an end record: the trainer died (or is dying).
+        for reason, n in self._journal_stats.malformed.items():
+            self.stats.malformed[reason] = self.stats.malformed.get(reason, 0) + n
+        if not self.finished:
+            info = self.info.reload()
+            self.status = registry.DEAD if info.status in ("live", registry.DEAD) else info.data.get("status")
+        return out
+
+    def _take_replies(self, out: list[dict]) -> None:
+        while True:
+            try:
+                parts = self._dealer.recv_multipart(flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._last_heard = time.monotonic()
+            if len(parts) != 2:
+                self.stats.count_malformed("frame-count")
+                continue
+            kind, body = parts
+            if kind == b"chunk":
+                stats = JournalStats()
+                for record in split_records(body, stats):
+                    self.stats.replayed += 1
+                    self._accept(record, out)
+                for reason, n in stats.malformed.items():
+                    self.stats.malformed[reason] = self.stats.malformed.get(reason, 0) + n
+            elif kind == b"done":
+                self._replaying = False
+                if self._expected is None:  # "from now": start at the trainer's next seq
+                    try:
+                        self._expected = int(orjson.loads(body)["next_seq"])
+                    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+                        self.stats.count_malformed("bad-reply")
+                        self._request_replay(None)
+                        continue
+                self._flush_buffer(out)
+            elif kind == b"error":
+                logger.error("replay refused by the trainer: %r", body[:200])
+                self._replaying = False
+            else:
+                self.stats.count_malformed("unknown-reply")
+
+    def _take_live(self, out: list[dict]) -> None:
+        for _ in range(10_000):
+            try:
+                parts = self._sub.recv_multipart(flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._last_heard = time.monotonic()
+            try:
+                record = records.parse_frames(parts)
+            except records.RecordError as e:
+                self.stats.count_malformed(e.reason)
+                if self.stats.malformed_total <= 10:
+                    logger.warning("skipping a malformed message: %s", e)
+                continue
+            if record["run"] != self.info.run_id or record["rank"] != self.rank:
+                self.stats.count_malformed("other-run")
+                continue
+            if record["event"] == records.HEARTBEAT:
+                self._heartbeat(record)
+                continue
+            self.stats.live += 1
+            self._accept(record, out)
+
+    def _heartbeat(self, beat: dict) -> None:
+        next_seq = beat["seq"]
+        if self._expected is not None and next_seq > self._expected and not self._replaying:
+            self.stats.gaps_repaired += 1
+            self._request_replay(self._expected)  # records we never saw (a dropped tail)
+
+    def _accept(self, record: dict, out: list[dict]) -> None:
+        seq = record["seq"]
+        if self._expected is None:  # waiting to learn where "now" is
+            if seq in self._buffer:
+                self.stats.duplicates += 1
+            self._buffer[seq] = record
+            return
+        if seq < self._expected or seq in self._buffer:
+            self.stats.duplicates += 1
+        elif seq == self._expected:
+            self._deliver(record, out)
+            self._flush_buffer(out)
+        else:
+            self._buffer[seq] = record
+            if record["event"] == records.END:
+                self._end_waiting_since = time.monotonic()
+            if not self._replaying:
+                self.stats.gaps_repaired += 1
+                self._request_replay(self._expected)
+
+    def _flush_buffer(self, out: list[dict]) -> None:
+        while self._expected in self._buffer:
+            self._deliver(self._buffer.pop(self._expected), out)
+        for seq in [s for s in self._buffer if s < self._expected]:
+            del self._buffer[seq]
+            self.stats.duplicates += 1
+
+    def _deliver(self, record: dict, out: list[dict]) -> None:
+        self._expected = record["seq"] + 1
+        if record["event"] == records.END:
+            self.status = record.get("status", registry.COMPLETED)
+            out.append(record)
+        elif self.events is None or record["event"] in self.events:
+            out.append(record)
+
+    def _finish_from_journal(self, out: list[dict], why: str) -> None:
+        """Live delivery is over (trainer silent, or ended with a gap here): finish from the journal file."""
+        info = self.info.reload()
+        deadline = time.monotonic() + 5.0
+        while info.status == "live" and self._end_waiting_since is not None and time.monotonic() < deadline:
+            time.sleep(0.05)  # the trainer is closing: its final status follows the journal's last flush
+            info = info.reload()
+        logger.warning("run %s: %s (status: %s); reading the rest from its journal", info.run_id, why, info.status)
+        self._close_sockets()
+        self.info = info
+        self._buffer.clear()
+        self._open_journal(self._expected or 0)
+        out.extend(self._poll_journal(batch=1 << 62))
+        if not self.finished:
+            self.status = registry.DEAD
+
+    # -- end -------------------------------------------------------------------------------------------
+
+    def _close_sockets(self) -> None:
+        if self._ctx is not None:
+            self._sub.close(linger=0)
+            self._dealer.close(linger=0)
+            self._ctx.term()
+            self._ctx = None
+
+    def close(self) -> None:
+        self._close_sockets()
+
+    def __enter__(self) -> "Subscriber":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,202 @@
+"""Publisher and Subscriber in one process, over real ZeroMQ sockets: late join, dedup, gap repair,
+heartbeat-driven tail repair, the inbox, malformed input."""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import orjson
+import pytest
+import zmq
+
+from fg_bus import Publisher, Subscriber, records, registry
+
+
+@pytest.fixture
+def publisher(fg_home, tmp_path):
+    pub = Publisher(tmp_path / "bus" / "r1", registry.new_run_id("t"), heartbeat_interval=0.2).start()
+    yield pub
+    pub.close()
+
+
+def seqs(recs):
+    return [r["seq"] for r in recs]
+
+
+def drain(sub, timeout=10.0):
+    out = []
+    for record in sub:
+        out.append(record)
+        if len(out) > 100_000:
+            raise AssertionError("runaway")
+    return out
+
+
+def test_late_subscriber_gets_history_then_live_without_holes_or_duplicates(publisher):
+    for i in range(500):
+        publisher.publish("on_step_end", i, i / 100, metrics={"loss": 1.0 / (i + 1)})
+    sub = Subscriber(publisher.run_id, from_seq=0, dead_after=10)
+    got = sub.poll(2.0)
+    assert got and got[0]["seq"] == 0
+    done = threading.Event()
+
+    def more():
+        for i in range(500, 1000):
+            publisher.publish("on_step_end", i, i / 100, metrics={"loss": math.nan if i == 700 else 1.0})
+        publisher.close()
+        done.set()
+
+    threading.Thread(target=more).start()
+    got += drain(sub)
+    assert done.wait(10)
+    assert seqs(got) == list(range(len(got)))
+    assert got[-1]["event"] == "end" and sub.status == "completed"
+    assert len(got) == 1001
+    assert got[700]["global_step"] == 700 and math.isnan(got[700]["metrics"]["loss"])
+    assert sub.stats.live + sub.stats.replayed - sub.stats.duplicates == 1001  # each delivered exactly once
+
+
+def test_from_now_skips_history(publisher):
+    for i in range(10):
+        publisher.publish("on_log", i)
+    sub = Subscriber(publisher.run_id, from_seq=None, dead_after=10)
+    sub.poll(1.0)  # first heartbeat fixes the starting point
+    publisher.publish("on_log", 99)
+    publisher.close()
+    got = drain(sub)
+    assert [r["global_step"] for r in got if r["event"] == "on_log"] == [99]
+    assert got[-1]["event"] == "end"
+
+
+@pytest.mark.parametrize("trainer_ends_first", [False, True])
+def test_records_dropped_live_are_repaired_from_the_journal(publisher, monkeypatch, trainer_ends_first):
+    """Simulate a subscriber over its high-water mark: PUB loses seq 20..39; the journal has them. The
+    repair comes over the replay socket, or (the trainer already gone) from the journal file."""
+    real_frames = records.frames
+
+    def lossy(event, data):
+        seq = orjson.loads(data)["seq"]
+        return [b"dropped", b"x"] if 20 <= seq < 40 else real_frames(event, data)
+
+    sub = Subscriber(publisher.run_id, from_seq=0, dead_after=10)
+    while not sub.caught_up:  # the initial (empty) replay is over: what follows arrives live only
+        assert sub.poll(0.5) == []
+    monkeypatch.setattr(records, "frames", lossy)
+    for i in range(60):
+        publisher.publish("on_step_end", i)
+    got = []
+    if not trainer_ends_first:
+        while len(got) < 60:
+            batch = sub.poll(2.0)
+            assert batch, "no progress"
+            got += batch
+        assert seqs(got) == list(range(60))  # repaired while the trainer runs: by the replay socket
+    publisher.close()
+    got += drain(sub)
+    assert seqs(got) == list(range(61))
+    assert sub.stats.gaps_repaired >= 1
+    assert sub.stats.malformed.get("topic-mismatch", 0) + sub.stats.malformed.get("not-json", 0) >= 1
+
+
+def test_a_lost_tail_is_noticed_from_the_heartbeat(publisher, monkeypatch):
+    sub = Subscriber(publisher.run_id, from_seq=0, dead_after=10)
+    while not sub.caught_up:
+        assert sub.poll(0.5) == []
+    real_frames = records.frames
+    monkeypatch.setattr(records, "frames", lambda e, d: [b"lost", b"x"] if e != "heartbeat" else real_frames(e, d))
+    for i in range(5):
+        publisher.publish("on_log", i)
+    got = []
+    for _ in range(20):
+        got += sub.poll(0.5)
+        if len(got) == 5:
+            break
+    assert seqs(got) == [0, 1, 2, 3, 4]  # nothing arrived live: the heartbeat's seq revealed them
+    assert sub.stats.gaps_repaired >= 1
+
+
+def test_an_ended_run_reads_from_its_journal_without_a_trainer(publisher):
+    for i in range(30):
+        publisher.publish("on_log", i, metrics={"loss": float(i)})
+    publisher.close("interrupted")
+    sub = Subscriber(publisher.run_id, from_seq=10)
+    got = drain(sub)
+    assert seqs(got) == list(range(10, 31))
+    assert sub.status == "interrupted"
+    assert registry.resolve(publisher.run_id).status == "ended"
+
+
+def test_inbox_control_is_acknowledged_and_bad_messages_are_refused(publisher):
+    sub = Subscriber(publisher.run_id, from_seq=0, dead_after=10)
+    ctx = zmq.Context()
+    push = ctx.socket(zmq.PUSH)
+    push.linger = 1000
+    push.connect(registry.resolve(publisher.run_id).ranks["0"]["inbox"])
+    push.send(orjson.dumps({"op": "control", "cmd": "save", "id": "abc"}))
+    push.send(orjson.dumps({"op": "control", "cmd": "explode", "id": "def"}))
+    push.send(b"\xff not json")
+    push.send_multipart([b"two", b"frames"])
+    push.send(orjson.dumps([1, 2, 3]))
+    push.close()
+    ctx.term()
+    got = []
+    while len([r for r in got if r["event"] == "control"]) < 5:
+        batch = sub.poll(2.0)
+        assert batch, "the publisher stopped answering"
+        got += batch
+    controls = [r for r in got if r["event"] == "control"]
+    assert controls[0]["cmd"] == "save" and controls[0]["accepted"] is True
+    assert controls[1]["accepted"] is False and "unknown command" in controls[1]["reason"]
+    assert all(c["accepted"] is False for c in controls[2:])
+    assert publisher.control_requests() == [{"cmd": "save", "id": "abc", "source": ""}]
+    publisher.publish("on_log", 1)  # still alive and publishing
+    publisher.close()
+    assert drain(sub)[-1]["event"] == "end"
+
+
+def test_malformed_frames_are_counted_and_survived(fg_home, tmp_path):
+    """The test plays the trainer: its own PUB/ROUTER, a run.json pointing at them, and bad frames."""
+    ctx = zmq.Context()
+    pub, router = ctx.socket(zmq.PUB), ctx.socket(zmq.ROUTER)
+    sockdir = registry.socket_dir("fake")
+    pub.bind(f"ipc://{sockdir}/pub")
+    router.bind(f"ipc://{sockdir}/replay")
+    bus_dir = registry.private_dir(tmp_path / "fake-run")
+    info = registry.RunInfo(bus_dir, {"run_id": "fake-run", "pid": __import__("os").getpid(),
+                                      "host": __import__("socket").gethostname(), "started": 1.0,
+                                      "status": "running", "ranks": {"0": {"pub": f"ipc://{sockdir}/pub",
+                                                                             "replay": f"ipc://{sockdir}/replay"}}})
+    registry.write_json_atomic(bus_dir / "run.json", info.data)
+    sub = Subscriber(str(bus_dir), from_seq=0, dead_after=30)
+    identity, request = router.recv_multipart()
+    assert orjson.loads(request) == {"op": "replay", "from": 0}
+    router.send_multipart([identity, b"done", b'{"next_seq": 0}'])
+
+    def rec(seq, event="on_log"):
+        return records.encode({"v": 1, "run": "fake-run", "rank": 0, "seq": seq, "timestamp": "t",
+                               "event": event, "metrics": {}})
+
+    bad = [[b"on_log"], [b"on_log", b"{", b"extra"], [b"on_log", b"not json"], [b"on_log", b"[1]"],
+           [b"on_log", b'{"v":1}'], [b"on_log", rec(0).replace(b'"v":1', b'"v":7')], [b"wrong", rec(0)],
+           [b"on_log", b"{" * 100_000], [b"on_log", records.encode({"v": 1, "run": "other", "rank": 0, "seq": 0,
+                                                                  "timestamp": "t", "event": "on_log"})]]
+    good = [[b"on_log", rec(0)], [b"on_log", rec(1)], [b"end", rec(2, "end")]]
+    got = []
+    for _ in range(50):  # the SUB connection may still be forming: resend until something arrives
+        for parts in bad + good[:1]:
+            pub.send_multipart(parts)
+        got += sub.poll(0.2)
+        if got:
+            break
+    for parts in bad + good[1:]:
+        pub.send_multipart(parts)
+    while not sub.finished:
+        got += sub.poll(1.0)
+    assert seqs(got) == [0, 1, 2] and sub.status == "completed"
+    for reason in ("frame-count", "not-json", "not-an-object", "missing-field", "unknown-version",
+                   "topic-mismatch", "other-run"):
+        assert sub.stats.malformed.get(reason, 0) >= 1, reason
+    pub.close(linger=0)
+    router.close(linger=0)
+    ctx.term()
