@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 import time
 from pathlib import Path
@@ -12,6 +13,8 @@ from typing import Any
 from . import _checkpoint as ckpt
 from ._utils import set_seed
 from .config import ConfigError, load_config, parse_value, peek_seed
+from .bus_callback import BusCallback
+from .callbacks import TrainerCallback
 from .run_config import build_trainer, default_config_path
 
 logger = logging.getLogger("trainer")
@@ -65,7 +68,19 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--var", type=_variable, action="append", default=[], metavar="NAME=VALUE",
                    help="a value for `!var NAME` in the config (repeatable; VALUE is read as YAML)")
     p.add_argument("--no-progress", action="store_true", help="print log lines instead of a progress bar")
+    bus = p.add_argument_group("event bus")
+    bus.add_argument("--no-bus", action="store_true", help="do not publish events (no journal, nothing to follow)")
+    bus.add_argument("--bus-tcp", metavar="HOST:PORT", type=_host_port,
+                     help="publish on tcp (PORT, PORT+1, PORT+2; PORT 0 picks free ports) instead of private ipc "
+                          "sockets; with `fg-bus keys` made, only authorized CURVE keys may connect")
     return p
+
+
+def _host_port(text: str) -> str:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65533:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT (e.g. 127.0.0.1:5555), got {text!r}")
+    return text
 
 
 def _device_overrides(device: str, config_args: Any) -> dict[str, Any]:
@@ -107,24 +122,31 @@ def main(argv: list[str] | None = None) -> int:
     elif not (isinstance(raw_args, dict) and raw_args.get("output_dir")):
         name = "chargpt" if opts.config is None else opts.config.stem
         overrides["output_dir"] = str(Path("fg-runs", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"))
+    output_dir = overrides.get("output_dir") or (raw_args.get("output_dir") if isinstance(raw_args, dict) else None)
+    if opts.resume is True and ckpt.latest_checkpoint(output_dir or "trainer_output") is None:
+        print(f"fg-train: error: --resume: no checkpoint-* directory in {output_dir}; "
+              "pass --output-dir of the run to resume, or --resume PATH", file=sys.stderr)
+        return 2
+    bus = None if opts.no_bus else BusCallback(tcp=opts.bus_tcp)
     try:
-        trainer = build_trainer(config, overrides)
+        trainer = build_trainer(config, overrides, event_bus=bus)
     except ConfigError as e:
         print(f"fg-train: error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:  # the bus could not start (a port in use, ...)
+        print(f"fg-train: error: {e}", file=sys.stderr)
+        return 1
+    if bus is not None:
+        print(f"fg-train: run {bus.run_id} publishing; follow it with `fg-bus ls`, control it with "
+              f"`fg-bus ctl {bus.run_id} stop`", file=sys.stderr, flush=True)
+    signals_received = _stop_on_signals(trainer, bus)
 
     resume = opts.resume
-    if resume is True and ckpt.latest_checkpoint(trainer.args.output_dir) is None:
-        print(f"fg-train: error: --resume: no checkpoint-* directory in {trainer.args.output_dir}; "
-              "pass --output-dir of the run to resume, or --resume PATH", file=sys.stderr)
-        return 2
     try:
         result = trainer.train(resume_from_checkpoint=resume)
     except KeyboardInterrupt:
-        command = " ".join(["fg-train", *([str(opts.config)] if opts.config else []),
-                            "--output-dir", trainer.args.output_dir, "--resume"])
-        print(f"\nfg-train: interrupted at step {trainer.state.global_step}. Resume from the last checkpoint "
-              f"with:\n  {command}", file=sys.stderr)
+        print(f"\nfg-train: aborted at step {trainer.state.global_step}. Resume from the last checkpoint with:\n"
+              f"  {_resume_command(opts, trainer)}", file=sys.stderr)
         return 130
     except ValueError as e:
         print(f"fg-train: error: {e}", file=sys.stderr)
@@ -132,7 +154,54 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = trainer.save_model()
     trainer.state.save_to_json(str(out_dir / ckpt.TRAINER_STATE_NAME))
     _print_summary(trainer, result, out_dir)
+    if signals_received:
+        print(f"fg-train: stopped by {signals_received[0]} at step {trainer.state.global_step}; continue with:\n"
+              f"  {_resume_command(opts, trainer)}", file=sys.stderr)
+        return 128 + getattr(signal, signals_received[0])
     return 0
+
+
+def _resume_command(opts, trainer) -> str:
+    return " ".join(["fg-train", *([str(opts.config)] if opts.config else []),
+                     "--output-dir", trainer.args.output_dir, "--resume"])
+
+
+class _GracefulStop(TrainerCallback):
+    """Without a bus: a stop requested by a signal, applied at the next step boundary."""
+
+    def __init__(self):
+        self.requested = False
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.requested:
+            control.should_training_stop = True
+            control.should_save = args.save_strategy != "no"
+
+
+def _stop_on_signals(trainer, bus) -> list[str]:
+    """SIGINT / SIGTERM: finish the current step, save, end the stream as "interrupted", exit. A second
+    SIGINT aborts at once (KeyboardInterrupt)."""
+    fallback = None
+    if bus is None:
+        fallback = _GracefulStop()
+        trainer.add_callback(fallback)
+    received = []
+
+    def handler(signum, frame):
+        name = signal.Signals(signum).name
+        if received:
+            raise KeyboardInterrupt
+        received.append(name)
+        print(f"\nfg-train: {name}: stopping after this step (a checkpoint is saved); Ctrl-C again to abort",
+              file=sys.stderr, flush=True)
+        if bus is not None and bus.publisher is not None:
+            bus.publisher.request_control("stop", source=f"signal {name}")
+        else:
+            fallback.requested = True
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+    return received
 
 
 def _print_summary(trainer, result, out_dir: Path) -> None:

@@ -52,7 +52,7 @@ def build_training_args(config: LoadedConfig, overrides: dict[str, Any]) -> Trai
         raise ConfigError(f"{config.where('args')}: {e}") from None
 
 
-def build_trainer(config: LoadedConfig, overrides: dict[str, Any] | None = None) -> Trainer:
+def build_trainer(config: LoadedConfig, overrides: dict[str, Any] | None = None, event_bus=None) -> Trainer:
     """A Trainer from the config's values; `overrides` replace TrainingArguments fields."""
     values = config.values
     for key in values:
@@ -75,7 +75,7 @@ def build_trainer(config: LoadedConfig, overrides: dict[str, Any] | None = None)
             data_collator=values.get("data_collator"),
             train_dataset=values.get("train_dataset"), eval_dataset=values.get("eval_dataset"),
             processing_class=values.get("processing_class", values.get("tokenizer")),
-            compute_loss_func=values.get("compute_loss_func"), callbacks=callbacks,
+            compute_loss_func=values.get("compute_loss_func"), callbacks=callbacks, event_bus=event_bus,
         )
     except ValueError as e:
         raise ConfigError(f"{config.path}: {e}") from None

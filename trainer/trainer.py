@@ -37,7 +37,9 @@ _get_total_norm = getattr(torch.nn.utils, "get_total_norm", None)  # torch >= 2.
 class Trainer:
     def __init__(self, model=None, args: TrainingArguments | None = None, data_collator=None, train_dataset=None,
                  eval_dataset=None, processing_class=None, compute_loss_func=None, callbacks=None,
-                 optimizers=(None, None)):
+                 optimizers=(None, None), *, event_bus=None):
+        """transformers' signature, plus `event_bus`: a callback placed before all others so it sees every
+        event first (fg-train passes a `BusCallback`, which publishes each one)."""
         if model is None:
             raise ValueError("Trainer needs a model")
         self.args = args if args is not None else TrainingArguments(output_dir="trainer_output")
@@ -54,8 +56,12 @@ class Trainer:
         self.optimizer, self.lr_scheduler = optimizers
 
         progress = PrinterCallback if self.args.disable_tqdm else ProgressCallback
+        self.event_bus = event_bus
+        if event_bus is not None and hasattr(event_bus, "trainer"):
+            event_bus.trainer = self  # it reads step_loss / step_grad_norm at on_step_end
         self.callback_handler = CallbackHandler(
-            [DefaultFlowCallback, *(callbacks or []), progress, InfoCallback],
+            [*([event_bus] if event_bus is not None else []), DefaultFlowCallback, *(callbacks or []), progress,
+             InfoCallback],
             self.model, self.processing_class, self.optimizer, self.lr_scheduler,
         )
         self.state = TrainerState(is_local_process_zero=self.is_local_process_zero(),
@@ -116,6 +122,15 @@ class Trainer:
 
     def train(self, resume_from_checkpoint: str | bool | None = None) -> TrainOutput:
         """Train; `resume_from_checkpoint` is a checkpoint directory, or True for the newest in output_dir."""
+        try:
+            return self._train(resume_from_checkpoint)
+        except BaseException as e:
+            # The event bus, if any, ends the run's stream with the reason instead of going silent.
+            if self.event_bus is not None and hasattr(self.event_bus, "close"):
+                self.event_bus.close("interrupted" if isinstance(e, KeyboardInterrupt) else "failed")
+            raise
+
+    def _train(self, resume_from_checkpoint) -> TrainOutput:
         args = self.args
         checkpoint = self._resolve_checkpoint(resume_from_checkpoint)
         set_seed(args.seed)

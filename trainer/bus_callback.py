@@ -1,0 +1,262 @@
+"""`BusCallback`: every one of the fifteen events, as a record on the run's bus.
+
+Placed at the head of the callback list (`Trainer(..., event_bus=BusCallback())`, as `fg-train` does), it
+sees each event before any other callback, so the records are in firing order. It also works when added to
+a `transformers.Trainer` (`trainer.add_callback(BusCallback())`), so an HF run can be followed by fg sinks.
+
+Hot path: one dict and one `Publisher.publish` per event (a few microseconds, no I/O). The per-step loss and
+grad norm are never read with a device sync: on the CPU `.item()` is free; on a GPU they are copied to
+pinned memory with `non_blocking=True` and the bus thread publishes them once the copy's CUDA event is done.
+Control commands (`fg-bus ctl`, SIGINT/SIGTERM in `fg-train`) are applied here at the next step boundary.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import fg_bus
+from fg_bus import registry
+from fg_bus.publisher import Publisher
+
+from .callbacks import TrainerCallback
+from .training_args import SaveStrategy
+
+logger = logging.getLogger(__name__)
+
+
+def _factory_of(obj: Any) -> str | None:
+    if obj is None:
+        return None
+    cls = type(obj)
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def _config_of(model: Any) -> dict | None:
+    config = getattr(model, "config", None)
+    for attr in ("to_dict", "to_diff_dict"):
+        if hasattr(config, attr):
+            try:
+                return getattr(config, attr)()
+            except (TypeError, ValueError):
+                continue
+    return None
+
+
+def _describe_tokenizer(tok: Any) -> dict | None:
+    if tok is None:
+        return None
+    description: dict[str, Any] = {"factory": _factory_of(tok)}
+    for attr in ("vocab_size", "name_or_path"):
+        value = getattr(tok, attr, None)
+        if isinstance(value, (int, str)):
+            description[attr] = value
+    if hasattr(tok, "to_dict"):
+        description["config"] = tok.to_dict()
+    return description
+
+
+def _ready() -> bool:
+    return True
+
+
+def _versions() -> dict[str, str]:
+    versions = {"python": platform.python_version(), "torch": torch.__version__, "fg_bus": fg_bus.__version__}
+    transformers = sys.modules.get("transformers")
+    if transformers is not None:
+        versions["transformers"] = transformers.__version__
+    return versions
+
+
+class _PinnedSlot:
+    """A few floats of pinned host memory and the CUDA event of the copy into them. The publisher calls it
+    (is the copy done?) and then `release()` once the record is encoded, so the slot can be reused."""
+
+    def __init__(self, size: int):
+        self.buffer = torch.empty(size, dtype=torch.float32, pin_memory=True)
+        self.event = torch.cuda.Event()
+        self.in_use = False
+
+    def record(self) -> None:
+        self.in_use = True
+        self.event.record()
+
+    def __call__(self) -> bool:
+        return self.event.query()
+
+    def release(self) -> None:
+        self.in_use = False
+
+
+class _PinnedRing:
+    """Reuses pinned slots (allocating pinned memory costs far more than a step's publishing budget)."""
+
+    def __init__(self, size: int = 64):
+        self.size = size
+        self.slots: list[_PinnedSlot] = []
+        self.next = 0
+
+    def take(self, n: int) -> _PinnedSlot:
+        for _ in range(len(self.slots)):
+            slot = self.slots[self.next]
+            self.next = (self.next + 1) % len(self.slots)
+            if not slot.in_use and slot.buffer.numel() >= n:
+                return slot
+        slot = _PinnedSlot(max(n, 4))
+        if len(self.slots) < self.size:
+            self.slots.append(slot)
+        return slot
+
+
+class BusCallback(TrainerCallback):
+    """Publishes every event; `run_name` names the run (default: args.run_name, else the output dir's name);
+    `tcp="HOST:PORT"` binds tcp endpoints instead of private ipc sockets; `meta` adds to on_train_begin's meta."""
+
+    def __init__(self, run_name: str | None = None, tcp: str | None = None, meta: dict | None = None,
+                 rank: int | None = None, world_size: int | None = None):
+        self.run_name = run_name
+        self.tcp = tcp
+        self.extra_meta = dict(meta or {})
+        self.rank = rank
+        self.world_size = world_size
+        self.publisher: Publisher | None = None
+        self.trainer = None  # set by our Trainer: the per-step loss lives there
+        self._pinned = _PinnedRing()
+        self._end_status = registry.COMPLETED  # "interrupted" once a signal asked the run to stop
+
+    # -- publisher lifecycle ---------------------------------------------------------------------------
+
+    def _ensure_started(self, args) -> Publisher:
+        if self.publisher is None:
+            name = self.run_name or getattr(args, "run_name", None) or Path(args.output_dir).name or "run"
+            run_id = registry.new_run_id(name)
+            bus_dir = Path(args.output_dir) / registry.BUS_DIRNAME / run_id
+            rank = self.rank if self.rank is not None else int(os.environ.get("RANK", 0))
+            world = self.world_size if self.world_size is not None else int(os.environ.get("WORLD_SIZE", 1))
+            self.publisher = Publisher(bus_dir, run_id, rank=rank, world_size=world, name=name, tcp=self.tcp).start()
+            logger.info("publishing run %s (%s)", run_id, bus_dir)
+        return self.publisher
+
+    def close(self, status: str = registry.COMPLETED) -> None:
+        """End the run's stream with `status` (completed / interrupted / failed). Idempotent."""
+        if self.publisher is not None:
+            self.publisher.close(status)
+
+    @property
+    def run_id(self) -> str | None:
+        return self.publisher.run_id if self.publisher is not None else None
+
+    # -- events ----------------------------------------------------------------------------------------
+
+    def _publish(self, event: str, args, state, **fields) -> None:
+        (self.publisher or self._ensure_started(args)).publish(event, state.global_step, state.epoch, **fields)
+
+    def on_init_end(self, args, state, control, **kwargs):
+        self._publish("on_init_end", args, state)
+
+    def on_train_begin(self, args, state, control, model=None, processing_class=None, **kwargs):
+        meta = {
+            "name": self.run_name or getattr(args, "run_name", None) or Path(args.output_dir).name,
+            "args": args.to_dict() if hasattr(args, "to_dict") else dict(vars(args)),
+            "model": {"factory": _factory_of(model), "config": _config_of(model)},
+            "tokenizer": _describe_tokenizer(processing_class),
+            "num_parameters": sum(p.numel() for p in model.parameters()) if model is not None else None,
+            "max_steps": state.max_steps,
+            "world_size": self._ensure_started(args).world_size,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "output_dir": str(args.output_dir),
+            "versions": _versions(),
+            **self.extra_meta,
+        }
+        self._publish("on_train_begin", args, state, meta=meta)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._publish("on_train_end", args, state)
+        self.close(self._end_status)
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self._publish("on_epoch_begin", args, state)
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self._publish("on_epoch_end", args, state)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._publish("on_step_begin", args, state)
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self._publish("on_pre_optimizer_step", args, state)
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self._publish("on_optimizer_step", args, state)
+
+    def on_substep_end(self, args, state, control, **kwargs):
+        self._publish("on_substep_end", args, state)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        publisher = self.publisher or self._ensure_started(args)
+        values = self._step_values()
+        if values and any(t.device.type != "cpu" for t in values.values()):
+            # Copy off the device without waiting; the bus thread publishes once the copy is done.
+            slot = self._pinned.take(len(values))
+            metrics = {}
+            for i, (key, tensor) in enumerate(values.items()):
+                slot.buffer[i].copy_(tensor.detach().float(), non_blocking=True)
+                metrics[key] = slot.buffer[i]
+            slot.record()
+            publisher.publish_when_ready(slot, "on_step_end", state.global_step, state.epoch, metrics=metrics)
+        else:
+            # CPU tensors are fresh objects each step (never written again), so the bus thread reads them
+            # (.item()) while encoding, and this thread pays for neither the reads nor the encoding.
+            publisher.publish_when_ready(_ready, "on_step_end", state.global_step, state.epoch, metrics=values)
+        if publisher.has_control_requests:
+            self._apply_control(args, state, control)
+
+    def _step_values(self) -> dict[str, torch.Tensor]:
+        trainer = self.trainer
+        if trainer is None:
+            return {}
+        values = {}
+        if isinstance(getattr(trainer, "step_loss", None), torch.Tensor):
+            values["loss"] = trainer.step_loss
+        if isinstance(getattr(trainer, "step_grad_norm", None), torch.Tensor):
+            values["grad_norm"] = trainer.step_grad_norm
+        return values
+
+    def _apply_control(self, args, state, control) -> None:
+        for request in self.publisher.control_requests():
+            cmd = request["cmd"]
+            if request.get("source", "").startswith("signal"):
+                self._end_status = registry.INTERRUPTED
+            if cmd in ("stop", "save-and-stop"):
+                control.should_training_stop = True
+            if cmd in ("save", "save-and-stop") or (cmd == "stop" and args.save_strategy != SaveStrategy.NO):
+                control.should_save = True
+            if cmd == "evaluate":
+                control.should_evaluate = True
+            self.publisher.publish("control", state.global_step, state.epoch, cmd=cmd, id=request["id"],
+                                   source=request.get("source", ""), applied=True)
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        self._publish("on_evaluate", args, state, metrics=dict(metrics or {}))
+
+    def on_predict(self, args, state, control, metrics=None, **kwargs):
+        self._publish("on_predict", args, state, metrics=dict(metrics or {}))
+
+    def on_save(self, args, state, control, **kwargs):
+        checkpoint = str(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+        self._publish("on_save", args, state, checkpoint=checkpoint)
+        self.publisher.sync()  # the journal is durable at every checkpoint
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self._publish("on_log", args, state, metrics=dict(logs or {}))
+
+    def on_prediction_step(self, args, state, control, **kwargs):
+        self._publish("on_prediction_step", args, state)
