@@ -296,3 +296,43 @@ def test_the_bus_callback_publishes_from_inside_transformers_trainer(fg_home, tm
     assert [r["global_step"] for r in got if r["event"] == "on_log" and "loss" in r["metrics"]] == [2, 4, 6]
     assert [r["checkpoint"] for r in got if r["event"] == "on_save"] == \
         [str(tmp_path / "hf" / "checkpoint-3"), str(tmp_path / "hf" / "checkpoint-6")]
+
+
+def test_a_follower_started_before_the_trainer_waits_for_it_and_gets_the_whole_run(train, fg_home, tmp_path):
+    out = tmp_path / "early.jsonl"
+    follower = cat(fg_home, "latest", out, "--wait", "60")
+    try:
+        time.sleep(0.5)  # give it time to be waiting (it polls the registry); correctness does not depend on it
+        assert follower.poll() is None
+        t = train(max_steps=200)
+        assert t.wait() == 0
+        assert follower.wait(60) == 0, follower.stderr.read()
+    finally:
+        if follower.poll() is None:
+            follower.kill()
+    got = complete_lines(out)
+    info = registry.load_run(next((tmp_path / "out" / "fg-bus").iterdir()))
+    assert got == journal(info) and got[0]["event"] == "on_init_end" and got[-1]["status"] == "completed"
+
+
+def test_an_exception_in_training_ends_the_stream_as_failed(tmp_path):
+    from conftest import RegressionDataset, TinyRegression
+    from trainer import Trainer, TrainerCallback, TrainingArguments
+    from trainer.bus_callback import BusCallback
+
+    class Boom(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                raise RuntimeError("boom")
+
+    bus = BusCallback()
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), use_cpu=True, disable_tqdm=True, max_steps=10,
+                             save_strategy="no")
+    trainer = Trainer(TinyRegression(), args, train_dataset=RegressionDataset(8), callbacks=[Boom()],
+                      event_bus=bus)
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer.train()
+    records = journal(registry.resolve(bus.run_id))
+    assert contiguous(records) and records[-1]["event"] == "end" and records[-1]["status"] == "failed"
+    assert records[-1]["global_step"] == 3
+    assert registry.resolve(bus.run_id).status == "failed"
