@@ -68,6 +68,7 @@ class Publisher:
         self.last_step = 0
         self.journal_error: str | None = None
         self.info: registry.RunInfo | None = None
+        self.received: collections.Counter = collections.Counter()  # records sinks sent in, by event
 
     # -- lifecycle ---------------------------------------------------------------------------------------
 
@@ -439,6 +440,7 @@ class Publisher:
                 return
             fields = {k: v for k, v in message.items() if k not in ("op", "v", "run", "rank", "seq", "timestamp")}
             self._publish_from_bus(event, fields)
+            self.received[event] += 1
         else:
             self._publish_from_bus(records.CONTROL, {"accepted": False, "reason": f"unknown op {str(op)[:40]!r}"})
 

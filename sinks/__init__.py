@@ -1,3 +1,12 @@
-"""Sinks: separate processes that follow a run's event stream (TensorBoard, JSON lines, text generation,
-a live tail). Each sink is a small class with `handle(record)` and `close()`; `fg-sink` runs them.
+"""Sinks: separate processes that follow a run's records (TensorBoard, JSON lines, a live tail, ...).
+
+Each sink is a small class with `handle(record)` and an idempotent `close()` (see `sinks.base.Sink`),
+unit-testable by feeding it records; `fg-sink KIND` runs one against a live or finished run.
 """
+
+from .base import NullSink, Sink
+from .json_sink import JsonSink
+from .tail_sink import TailSink
+from .tb_sink import TensorBoardSink
+
+__all__ = ["JsonSink", "NullSink", "Sink", "TailSink", "TensorBoardSink"]

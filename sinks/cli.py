@@ -1,27 +1,162 @@
-"""`fg-sink KIND`: run a sink process that follows a training run's event stream."""
+"""`fg-sink KIND`: a separate process that follows a training run's records and writes something from them.
+
+KIND is tb, json, textgen, tail or null, or `module:ClassName` for your own sink class (a `sinks.Sink` subclass,
+built with no arguments, or with --option key=value pairs).
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import logging
 import sys
 
-# Filled in as sinks land (issue 4): name -> "module:Class".
-SINK_KINDS: dict[str, str] = {}
+from fg_bus import registry
+
+from .base import NullSink, Sink
+from .json_sink import DEFAULT_OUT, JsonSink
+from .runner import run_sink
+from .tail_sink import TailSink
+from .tb_sink import DEFAULT_LOGDIR, TensorBoardSink
+
+EPILOG = """\
+examples:
+  fg-sink json                        every record of the newest live run to OUTPUT_DIR/logs/RUN.jsonl
+  fg-sink tb --logdir runs/tb         TensorBoard files, one directory per run (tensorboard --logdir runs/tb)
+  fg-sink tail                        a live view of the run: history first, then new lines as they come
+  fg-sink tail --json | jq .          the records themselves
+  fg-sink json --follow               stay for the runs that come after
+  fg-sink my_pkg.sinks:WandbSink --option project=demo
+Started before fg-train, a sink waits for the run. Restarted, it continues where its output ends.
+"""
+
+BUILTIN = ("json", "tb", "textgen", "tail", "null")
+
+
+def _from(text: str) -> int | str:
+    if text in ("start", "now"):
+        return text
+    if text.isdigit():
+        return int(text)
+    raise argparse.ArgumentTypeError(f"expected start, now or a seq number, got {text!r}")
+
+
+def _option(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fg-sink", description=__doc__)
-    p.add_argument("kind", help="the sink to run: " + (", ".join(SINK_KINDS) or "none are available yet"))
+    p = argparse.ArgumentParser(prog="fg-sink", description=__doc__, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("kind", help="tb, json, textgen, tail, null, or module:ClassName")
+    p.add_argument("--run", default="latest", help="latest (default: the newest live run, or the next to start), "
+                                                   "a run id, or a run/output directory")
+    p.add_argument("--from", dest="start", type=_from, default="start", metavar="start|now|SEQ",
+                   help="start: the whole history, or where this sink's output ends (default); now: new records only")
+    p.add_argument("--follow", action="store_true", help="after the run ends, stay for the next runs")
+    p.add_argument("--wait", type=float, metavar="S", help="give up if no run starts within S seconds")
+    p.add_argument("--dead-after", type=float, default=5.0, metavar="S",
+                   help="declare the trainer dead after S seconds without a heartbeat (default 5)")
+    json_opts = p.add_argument_group("json")
+    json_opts.add_argument("--out", default=DEFAULT_OUT, help=f"output file; {{run}} and {{output_dir}} are "
+                                                              f"replaced (default {DEFAULT_OUT})")
+    tb_opts = p.add_argument_group("tb")
+    tb_opts.add_argument("--logdir", default=DEFAULT_LOGDIR, help=f"TensorBoard log directory; each run gets a "
+                                                                   f"subdirectory (default {DEFAULT_LOGDIR})")
+    gen = p.add_argument_group("textgen")
+    gen.add_argument("--prompt", action="append", help="a prompt (repeatable; default 'The ')")
+    gen.add_argument("--device", default="cpu", help="where to generate (default cpu: the GPU stays the trainer's)")
+    gen.add_argument("--do-sample", action=argparse.BooleanOptionalAction, default=True, help="sample (default) "
+                                                                                            "or greedy")
+    gen.add_argument("--temperature", type=float, default=0.8)
+    gen.add_argument("--top-p", type=float, default=0.95)
+    gen.add_argument("--top-k", type=int, default=None)
+    gen.add_argument("--max-new-tokens", type=int, default=60)
+    tail_opts = p.add_argument_group("tail")
+    tail_opts.add_argument("--events", help="comma-separated events to show (default: logs, saves, samples, "
+                                            "control, end; with --json: every record)")
+    tail_opts.add_argument("--json", action="store_true", help="print the records as JSON lines")
+    custom = p.add_argument_group("your own sink")
+    custom.add_argument("--option", type=_option, action="append", default=[], metavar="KEY=VALUE",
+                        help="keyword argument for a module:ClassName sink (repeatable)")
     return p
+
+
+def build_sink(opts) -> Sink:
+    if opts.kind == "json":
+        return JsonSink(out=opts.out)
+    if opts.kind == "tb":
+        return TensorBoardSink(logdir=opts.logdir)
+    if opts.kind == "tail":
+        return TailSink(events=opts.events.split(",") if opts.events else None, as_json=opts.json)
+    if opts.kind == "null":
+        return NullSink()
+    if opts.kind == "textgen":
+        from .textgen_sink import TextgenSink  # imports torch: only for this sink
+
+        return TextgenSink(prompts=opts.prompt, device=opts.device, do_sample=opts.do_sample,
+                           temperature=opts.temperature, top_p=opts.top_p, top_k=opts.top_k,
+                           max_new_tokens=opts.max_new_tokens)
+    module_name, sep, class_name = opts.kind.partition(":")
+    if not sep:
+        raise ValueError(f"unknown sink {opts.kind!r}: choose {', '.join(BUILTIN)}, or give module:ClassName")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except ImportError as e:
+        raise ValueError(f"cannot import {module_name!r} for sink {opts.kind}: {e}") from None
+    except AttributeError:
+        raise ValueError(f"module {module_name!r} has no class {class_name!r}") from None
+    try:
+        sink = cls(**dict(opts.option))
+    except TypeError as e:
+        raise ValueError(f"cannot build {opts.kind} with {dict(opts.option)}: {e}") from None
+    if not callable(getattr(sink, "handle", None)):
+        raise ValueError(f"{opts.kind} has no handle(record) method; subclass sinks.Sink")
+    return sink if isinstance(sink, Sink) else _Adapted(sink, opts.kind)
+
+
+class _Adapted(Sink):
+    """A user class with handle() (and maybe close()) that does not subclass Sink: the hooks it lacks do nothing."""
+
+    def __init__(self, inner, kind: str):
+        self.inner = inner
+        self.kind = kind
+
+    def open_run(self, info):
+        hook = getattr(self.inner, "open_run", None)
+        return hook(info) if callable(hook) else None
+
+    def handle(self, record):
+        self.inner.handle(record)
+
+    def end_run(self, status):
+        hook = getattr(self.inner, "end_run", None)
+        if callable(hook):
+            hook(status)
+
+    def close(self):
+        hook = getattr(self.inner, "close", None)
+        if callable(hook):
+            hook()
 
 
 def main(argv: list[str] | None = None) -> int:
     opts = parser().parse_args(argv)
-    if opts.kind not in SINK_KINDS:
-        available = ", ".join(SINK_KINDS) or "none yet: the sinks (tb, json, textgen, tail) are not built"
-        print(f"fg-sink: error: unknown sink {opts.kind!r}; available: {available}", file=sys.stderr)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        sink = build_sink(opts)
+    except ValueError as e:
+        print(f"fg-sink: error: {e}", file=sys.stderr)
         return 2
-    raise AssertionError("unreachable until a sink kind is registered")
+    try:
+        return run_sink(sink, run=opts.run, start=opts.start, follow=opts.follow, wait=opts.wait,
+                        dead_after=opts.dead_after)
+    except registry.RunNotFound as e:
+        print(f"fg-sink: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

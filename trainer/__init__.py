@@ -7,10 +7,17 @@ from ._utils import EvalLoopOutput, PredictionOutput, TrainOutput, set_seed
 from .callbacks import EVENTS, CallbackHandler, DefaultFlowCallback, TrainerCallback
 from .default_callbacks import EarlyStoppingCallback, InfoCallback, PrinterCallback, ProgressCallback
 from .state import ExportableState, TrainerControl, TrainerState
+from .bus_callback import BusCallback
+from .sink_callbacks import GradLogger, JsonLogger, TBLogger, TextgenCallback
 from .trainer import Trainer
 from .training_args import IntervalStrategy, SaveStrategy, SchedulerType, TrainingArguments
 
 __all__ = [
+    "BusCallback",
+    "GradLogger",
+    "JsonLogger",
+    "TBLogger",
+    "TextgenCallback",
     "EVENTS",
     "CallbackHandler",
     "DefaultFlowCallback",

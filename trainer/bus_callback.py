@@ -31,6 +31,17 @@ from .training_args import SaveStrategy
 
 logger = logging.getLogger(__name__)
 
+_ACTIVE: list["BusCallback"] = []
+
+
+def active_bus() -> "BusCallback | None":
+    """The bus of the run training in this process (the most recent started and not closed), or None:
+    in-process handles (TBLogger, TextgenCallback, ...) publish through it."""
+    for bus in reversed(_ACTIVE):
+        if bus.publisher is not None and not bus.publisher.closed:
+            return bus
+    return None
+
 
 def _factory_of(obj: Any) -> str | None:
     if obj is None:
@@ -130,6 +141,7 @@ class BusCallback(TrainerCallback):
         self.trainer = None  # set by our Trainer: the per-step loss lives there
         self._pinned = _PinnedRing()
         self._end_status = registry.COMPLETED  # "interrupted" once a signal asked the run to stop
+        self._after_close: list = []
 
     # -- publisher lifecycle ---------------------------------------------------------------------------
 
@@ -141,13 +153,24 @@ class BusCallback(TrainerCallback):
             rank = self.rank if self.rank is not None else int(os.environ.get("RANK", 0))
             world = self.world_size if self.world_size is not None else int(os.environ.get("WORLD_SIZE", 1))
             self.publisher = Publisher(bus_dir, run_id, rank=rank, world_size=world, name=name, tcp=self.tcp).start()
+            _ACTIVE.append(self)
             logger.info("publishing run %s (%s)", run_id, bus_dir)
         return self.publisher
 
-    def close(self, status: str = registry.COMPLETED) -> None:
-        """End the run's stream with `status` (completed / interrupted / failed). Idempotent."""
-        if self.publisher is not None:
-            self.publisher.close(status)
+    def close(self, status: str | None = None) -> None:
+        """End the run's stream with `status` (default: completed, or interrupted after a signal), then run
+        the after-close hooks (sink handles waiting for their processes). Idempotent."""
+        if self.publisher is not None and not self.publisher.closed:
+            self.publisher.close(status or self._end_status)
+            if self in _ACTIVE:
+                _ACTIVE.remove(self)
+        hooks, self._after_close = self._after_close, []
+        for hook in hooks:
+            hook()
+
+    def add_after_close(self, hook) -> None:
+        """Call `hook()` once the stream has ended (the end record is out)."""
+        self._after_close.append(hook)
 
     @property
     def run_id(self) -> str | None:
@@ -180,7 +203,10 @@ class BusCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         self._publish("on_train_end", args, state)
-        self.close(self._end_status)
+        if self.trainer is None:
+            # Inside transformers.Trainer nothing closes us later: end the stream now. Our Trainer closes it
+            # after every callback's on_train_end, so their last records still belong to the run.
+            self.close()
 
     def on_epoch_begin(self, args, state, control, **kwargs):
         self._publish("on_epoch_begin", args, state)
@@ -202,7 +228,13 @@ class BusCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         publisher = self.publisher or self._ensure_started(args)
-        values = self._step_values()
+        self.publish_tensors("on_step_end", state.global_step, state.epoch, self._step_values())
+        if publisher.has_control_requests:
+            self._apply_control(args, state, control)
+
+    def publish_tensors(self, event: str, global_step: int, epoch: float, values: dict[str, torch.Tensor],
+                        **fields) -> None:
+        """Publish scalar tensors as metrics without a device sync, from the training thread."""
         if values and any(t.device.type != "cpu" for t in values.values()):
             # Copy off the device without waiting; the bus thread publishes once the copy is done.
             slot = self._pinned.take(len(values))
@@ -211,13 +243,11 @@ class BusCallback(TrainerCallback):
                 slot.buffer[i].copy_(tensor.detach().float(), non_blocking=True)
                 metrics[key] = slot.buffer[i]
             slot.record()
-            publisher.publish_when_ready(slot, "on_step_end", state.global_step, state.epoch, metrics=metrics)
+            self.publisher.publish_when_ready(slot, event, global_step, epoch, metrics=metrics, **fields)
         else:
-            # CPU tensors are fresh objects each step (never written again), so the bus thread reads them
-            # (.item()) while encoding, and this thread pays for neither the reads nor the encoding.
-            publisher.publish_when_ready(_ready, "on_step_end", state.global_step, state.epoch, metrics=values)
-        if publisher.has_control_requests:
-            self._apply_control(args, state, control)
+            # CPU tensors here are fresh objects, never written again, so the bus thread reads them (.item())
+            # while encoding, and this thread pays for neither the reads nor the encoding.
+            self.publisher.publish_when_ready(_ready, event, global_step, epoch, metrics=values, **fields)
 
     def _step_values(self) -> dict[str, torch.Tensor]:
         trainer = self.trainer

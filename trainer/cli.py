@@ -15,6 +15,13 @@ from ._utils import set_seed
 from .config import ConfigError, load_config, parse_value, peek_seed
 from .bus_callback import BusCallback
 from .callbacks import TrainerCallback
+from .sink_callbacks import JsonLogger, SinkProcess, TBLogger, TextgenCallback
+
+
+class TailHandle(SinkProcess):
+    """`--sinks tail`: a live view of the run in this terminal, from a separate process."""
+
+    kind = "tail"
 from .run_config import build_trainer, default_config_path
 
 logger = logging.getLogger("trainer")
@@ -70,10 +77,22 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="print log lines instead of a progress bar")
     bus = p.add_argument_group("event bus")
     bus.add_argument("--no-bus", action="store_true", help="do not publish events (no journal, nothing to follow)")
+    bus.add_argument("--sinks", type=_sink_list, default=[], metavar="LIST",
+                     help="start these sinks for the run, as separate processes: tb,json,textgen,tail")
+    bus.add_argument("--textgen-every", type=_positive_int, default=100, metavar="N",
+                     help="with --sinks textgen: snapshot and generate every N steps (default 100)")
     bus.add_argument("--bus-tcp", metavar="HOST:PORT", type=_host_port,
                      help="publish on tcp (PORT, PORT+1, PORT+2; PORT 0 picks free ports) instead of private ipc "
                           "sockets; with `fg-bus keys` made, only authorized CURVE keys may connect")
     return p
+
+
+def _sink_list(text: str) -> list[str]:
+    kinds = [k for k in text.split(",") if k]
+    unknown = [k for k in kinds if k not in ("tb", "json", "textgen", "tail")]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown sink(s) {', '.join(unknown)}; choose from tb, json, textgen, tail")
+    return kinds
 
 
 def _host_port(text: str) -> str:
@@ -127,6 +146,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fg-train: error: --resume: no checkpoint-* directory in {output_dir}; "
               "pass --output-dir of the run to resume, or --resume PATH", file=sys.stderr)
         return 2
+    if opts.no_bus and opts.sinks:
+        print("fg-train: error: --sinks needs the event bus; drop --no-bus", file=sys.stderr)
+        return 2
     bus = None if opts.no_bus else BusCallback(tcp=opts.bus_tcp)
     try:
         trainer = build_trainer(config, overrides, event_bus=bus)
@@ -139,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     if bus is not None:
         print(f"fg-train: run {bus.run_id} publishing; follow it with `fg-bus ls`, control it with "
               f"`fg-bus ctl {bus.run_id} stop`", file=sys.stderr, flush=True)
+    for kind in opts.sinks:
+        trainer.add_callback({"tb": TBLogger, "json": JsonLogger, "tail": TailHandle,
+                              "textgen": lambda: TextgenCallback(generation_steps=opts.textgen_every)}[kind]())
     signals_received = _stop_on_signals(trainer, bus)
 
     resume = opts.resume

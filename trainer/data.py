@@ -87,6 +87,10 @@ class CharTokenizer:
     def to_dict(self) -> dict:
         return {"type": "char", "vocab": "".join(self.itos)}
 
+    @classmethod
+    def from_dict(cls, data: dict) -> "CharTokenizer":
+        return cls(list(data["vocab"]))
+
     def save_pretrained(self, directory: str | Path) -> None:
         Path(directory, "tokenizer.json").write_text(json.dumps(self.to_dict()), encoding="utf-8")
 

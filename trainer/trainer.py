@@ -398,6 +398,8 @@ class Trainer:
                         self.args.metric_for_best_model, self.state.best_metric)
             ckpt.load_model_weights(self.model, self.state.best_model_checkpoint)
         self.control = self.callback_handler.on_train_end(self.args, self.state, self.control)
+        if self.event_bus is not None and hasattr(self.event_bus, "close"):
+            self.event_bus.close()  # after every on_train_end, so records they publish are in the run
         return TrainOutput(self.state.global_step, train_loss, metrics)
 
     # -- checkpoints ------------------------------------------------------------------------------------

@@ -1,0 +1,52 @@
+"""The sink protocol: a small class that receives a run's records in seq order.
+
+    class MySink(Sink):
+        def handle(self, record): ...        # one record, in seq order
+        def close(self): ...                 # idempotent
+
+Optional hooks: `open_run(info)` is called when a run is attached and returns where this sink's output
+for that run ends (the next seq it needs), so a restarted sink continues without a duplicate or a hole;
+`end_run(status)` when the run's stream is over. A sink never sees sockets: tests feed it records.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fg_bus.registry import RunInfo
+
+
+class Sink:
+    """Base class with do-nothing hooks; `NullSink` is exactly this."""
+
+    #: the name `fg-sink` uses for it
+    kind = "sink"
+
+    def open_run(self, info: RunInfo) -> int | None:
+        """A run is attached. Return the next seq this sink needs (None: whatever `--from` says)."""
+        return None
+
+    def handle(self, record: dict[str, Any]) -> None:
+        pass
+
+    def end_run(self, status: str) -> None:
+        """The run's stream is over (completed / interrupted / failed / dead); make the output durable."""
+
+    def close(self) -> None:
+        """Release everything; called once at exit, and safe to call again."""
+
+
+class NullSink(Sink):
+    """Receives records and does nothing: the reference sink, and a way to measure the bus alone."""
+
+    kind = "null"
+
+
+def output_dir_of(info: RunInfo) -> str:
+    """The training run's output directory (the bus directory is OUTPUT_DIR/fg-bus/RUN_ID)."""
+    return str(info.bus_dir.parent.parent)
+
+
+def expand(template: str, info: RunInfo) -> str:
+    """`{run}` and `{output_dir}` in an output path."""
+    return template.format(run=info.run_id, output_dir=output_dir_of(info))

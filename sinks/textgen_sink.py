@@ -1,0 +1,150 @@
+"""`fg-sink textgen`: samples from the model as it trains, without the training process waiting.
+
+The trainer's `TextgenCallback` writes a weight snapshot every N steps and publishes a `snapshot` record.
+This sink builds the model from the factory in the run's `meta` (import path and config), loads the
+snapshot, generates from each prompt, and sends the samples back into the run's stream as `textgen`
+records (over the run's inbox), so `tb`, `json` and `tail` show them. For a run that is over (nothing to
+send them to) the samples are printed instead.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+from typing import Any
+
+import orjson
+import zmq
+
+from fg_bus import registry, security
+from fg_bus.registry import RunInfo
+
+from .base import Sink
+
+logger = logging.getLogger(__name__)
+
+
+def build_model(factory: str, config: dict | None):
+    """`module:Class` and its config dict: a transformers model (`config_class`) or a model taking a config."""
+    module_name, _, class_name = factory.partition(":")
+    cls = importlib.import_module(module_name)
+    for attr in class_name.split("."):
+        cls = getattr(cls, attr)
+    config = dict(config or {})
+    config_class = getattr(cls, "config_class", None)
+    if config_class is not None and hasattr(config_class, "from_dict"):
+        return cls(config_class.from_dict(config))
+    return cls(config)
+
+
+def build_tokenizer(description: dict | None):
+    """The tokenizer from the run's meta: its factory's `from_dict(config)`, or a transformers tokenizer
+    loaded from `name_or_path`."""
+    if not description:
+        raise ValueError("the run's meta has no tokenizer: textgen needs one to encode prompts")
+    factory, config = description.get("factory"), description.get("config")
+    if factory and config is not None:
+        module_name, _, class_name = factory.partition(":")
+        cls = getattr(importlib.import_module(module_name), class_name)
+        if hasattr(cls, "from_dict"):
+            return cls.from_dict(config)
+    path = description.get("name_or_path")
+    if path:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(path)
+    raise ValueError(f"cannot rebuild tokenizer {factory!r} from the run's meta (no from_dict, no name_or_path)")
+
+
+class TextgenSink(Sink):
+    kind = "textgen"
+
+    def __init__(self, prompts: list[str] | None = None, device: str = "cpu", do_sample: bool = True,
+                 temperature: float = 0.8, top_p: float | None = 0.95, top_k: int | None = None,
+                 max_new_tokens: int = 60, seed: int = 0):
+        self.prompts = list(prompts or ["The "])
+        self.device = device
+        self.generation = {"do_sample": do_sample, "temperature": temperature, "top_p": top_p, "top_k": top_k,
+                           "max_new_tokens": max_new_tokens}
+        self.seed = seed
+        self.meta: dict[str, Any] | None = None
+        self.model = None
+        self.tokenizer = None
+        self.samples = 0
+        self._ctx: zmq.Context | None = None
+        self._push: zmq.Socket | None = None
+
+    def open_run(self, info: RunInfo) -> int | None:
+        self._close_push()
+        self.model = self.meta = None
+        if info.is_live:
+            self._ctx = zmq.Context()
+            self._push = self._ctx.socket(zmq.PUSH)
+            self._push.linger = 2000
+            server_key = info.data.get("curve_server_key")
+            if server_key:
+                security.make_client(self._push, server_key.encode())
+            self._push.connect(info.ranks["0"]["inbox"])
+        return None
+
+    def handle(self, record: dict) -> None:
+        if record["event"] == "on_train_begin":
+            self.meta = record.get("meta") or {}
+        elif record["event"] == "snapshot":
+            self._generate(record)
+
+    def _generate(self, record: dict) -> None:
+        import torch
+
+        if self.meta is None:
+            raise ValueError("a snapshot before on_train_begin: start this sink --from start")
+        if self.model is None:
+            model_meta = self.meta.get("model") or {}
+            self.model = build_model(model_meta["factory"], model_meta.get("config")).to(self.device).eval()
+            self.tokenizer = build_tokenizer(self.meta.get("tokenizer"))
+        try:
+            state = torch.load(record["path"], map_location=self.device, weights_only=True)
+        except FileNotFoundError:
+            logger.warning("snapshot %s is gone (rotated away): skipped", record["path"])
+            return
+        self.model.load_state_dict(state)
+        generator = torch.Generator(device=self.device).manual_seed(self.seed + record["global_step"])
+        for index, prompt in enumerate(self.prompts):
+            ids = torch.tensor([self.tokenizer.encode(prompt)], device=self.device)
+            with torch.no_grad():
+                out = self._sample(ids, generator)
+            text = self.tokenizer.decode(out[0, ids.shape[1]:].tolist())
+            self._send({"op": "record", "event": "textgen", "global_step": record["global_step"],
+                        "epoch": record.get("epoch"), "prompt": prompt, "prompt_index": index, "text": text,
+                        "snapshot": record["path"]})
+            self.samples += 1
+
+    def _sample(self, ids, generator):
+        options = {k: v for k, v in self.generation.items() if v is not None}
+        try:
+            return self.model.generate(ids, generator=generator, **options)
+        except TypeError:  # transformers' generate takes no generator; its sampling follows torch's seed
+            import torch
+
+            torch.manual_seed(int(generator.initial_seed()))
+            return self.model.generate(ids, pad_token_id=getattr(self.tokenizer, "eos_token_id", None), **options)
+
+    def _send(self, message: dict) -> None:
+        if self._push is None:
+            print(f"[step {message['global_step']}] {message['prompt']!r} -> {message['text']!r}", file=sys.stdout,
+                  flush=True)
+            return
+        self._push.send(orjson.dumps(message))
+
+    def _close_push(self) -> None:
+        if self._push is not None:
+            self._push.close()
+            self._ctx.term()
+            self._push = self._ctx = None
+
+    def end_run(self, status: str) -> None:
+        self._close_push()
+
+    def close(self) -> None:
+        self._close_push()

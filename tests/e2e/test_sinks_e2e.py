@@ -1,0 +1,146 @@
+"""Sinks as a user runs them: `fg-train` and `fg-sink` as separate processes, outputs read back with
+TensorBoard's own reader and as JSON lines."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from fg_bus import read_journal, registry
+
+BIN = Path(sys.executable).parent
+TINY = Path(__file__).with_name("tiny.yaml")
+
+
+def env(fg_home: Path) -> dict:
+    return {**os.environ, "FG_HOME": str(fg_home)}
+
+
+def fg_train(fg_home: Path, out: Path, *args: str, max_steps: int = 300) -> subprocess.Popen:
+    return subprocess.Popen([str(BIN / "fg-train"), str(TINY), "--device", "cpu", "--output-dir", str(out),
+                             "--max-steps", str(max_steps), *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env(fg_home))
+
+
+def fg_sink(fg_home: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([str(BIN / "fg-sink"), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=env(fg_home))
+
+
+def bus_dir(out: Path, timeout: float = 60) -> Path:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = list((out / "fg-bus").glob("*/run.json"))
+        if found:
+            return found[0].parent
+        time.sleep(0.05)
+    raise AssertionError("no run appeared")
+
+
+def wait_lines(path: Path, n: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists() or path.read_bytes().count(b"\n") < n:
+        assert time.monotonic() < deadline, f"{path} has fewer than {n} lines"
+        time.sleep(0.05)
+
+
+def json_lines(path: Path) -> list[dict]:
+    return [orjson.loads(line) for line in path.read_bytes().splitlines()]
+
+
+def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    ea = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "tensors": 0})
+    ea.Reload()
+    return {tag: [(e.step, e.value) for e in ea.Scalars(tag)] for tag in ea.Tags()["scalars"]}
+
+
+def texts(run_dir: Path) -> dict[str, list[str]]:
+    ea = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "tensors": 0})
+    ea.Reload()
+    return {tag: [e.tensor_proto.string_val[0].decode() for e in ea.Tensors(tag)] for tag in ea.Tags()["tensors"]}
+
+
+def test_sinks_started_before_the_run_write_complete_outputs(fg_home, tmp_path):
+    out = tmp_path / "run"
+    json_sink = fg_sink(fg_home, "json", "--out", str(tmp_path / "log.jsonl"), "--wait", "60")
+    tb_sink = fg_sink(fg_home, "tb", "--logdir", str(tmp_path / "tb"), "--wait", "60")
+    tail_sink = fg_sink(fg_home, "tail", "--wait", "60")
+    train = fg_train(fg_home, out, "--sinks", "textgen", "--textgen-every", "100")
+    assert train.wait(180) == 0, train.stderr.read().decode()
+    for sink in (json_sink, tb_sink, tail_sink):
+        assert sink.wait(60) == 0, sink.stderr.read().decode()
+    info = registry.load_run(bus_dir(out))
+    journal = list(read_journal(info.journal_path()))
+
+    log = json_lines(tmp_path / "log.jsonl")
+    assert [r["seq"] for r in log] == list(range(len(journal)))  # every seq, no hole, no duplicate
+    assert log[-1]["event"] == "end" and log[-1]["status"] == "completed"
+    samples = [r for r in log if r["event"] == "textgen"]
+    assert [r["global_step"] for r in samples][:2] == [100, 200] and all(r["text"] for r in samples)
+
+    run_tb = tmp_path / "tb" / info.run_id
+    got = scalars(run_tb)
+    logged = [r for r in journal if r["event"] == "on_log" and "loss" in r["metrics"]]
+    assert [s for s, _ in got["train/loss"]] == [r["global_step"] for r in logged]
+    assert [v for _, v in got["train/loss"]] == pytest.approx([r["metrics"]["loss"] for r in logged], rel=1e-6)
+    assert [s for s, _ in got["train/step_loss"]] == list(range(1, 301))
+    assert {"train/learning_rate", "train/grad_norm", "eval/loss", "train/train_loss"} <= set(got)
+    text = texts(run_tb)
+    assert "run/meta" in text and "trainer.chargpt:CharGPT" in text["run/meta"][0]
+    assert any(samples[0]["text"] in t for t in text["textgen/sample_0"])
+
+    tail_out = tail_sink.stdout.read().decode()
+    assert "loss" in tail_out and "saved" in tail_out and "end: completed" in tail_out and "sample" in tail_out
+    assert "\033[" not in tail_out  # piped: no colour
+    summary = json_sink.stderr.read().decode()
+    assert f"run {info.run_id} completed: {len(journal)} records handled" in summary
+
+
+def test_a_sink_started_after_the_run_began_still_writes_the_whole_run(fg_home, tmp_path):
+    out = tmp_path / "run"
+    train = fg_train(fg_home, out, max_steps=600)
+    info = registry.load_run(bus_dir(out))
+    wait_lines(info.journal_path(), 500)
+    sink = fg_sink(fg_home, "json", "--run", info.run_id, "--out", str(tmp_path / "late.jsonl"))
+    assert train.wait(180) == 0
+    assert sink.wait(60) == 0, sink.stderr.read().decode()
+    assert json_lines(tmp_path / "late.jsonl") == [orjson.loads(orjson.dumps(r)) for r in read_journal(info.journal_path())]
+
+
+@pytest.mark.parametrize("kind", ["json", "tb"])
+def test_a_sink_killed_mid_run_and_restarted_ends_like_one_that_never_died(fg_home, tmp_path, kind):
+    out = tmp_path / "run"
+    train = fg_train(fg_home, out, max_steps=800)
+    info = registry.load_run(bus_dir(out))
+    where = {"json": ("--out", str(tmp_path / "{run}-%s.jsonl")), "tb": ("--logdir", str(tmp_path / "tb-%s"))}[kind]
+    steady = fg_sink(fg_home, kind, "--run", info.run_id, where[0], where[1] % "steady")
+    crashy = fg_sink(fg_home, kind, "--run", info.run_id, where[0], where[1] % "crashy")
+    wait_lines(info.journal_path(), 1000)
+    time.sleep(0.3)  # let it write some output before the crash (not needed for correctness)
+    crashy.send_signal(signal.SIGKILL)
+    crashy.wait(10)
+    restarted = fg_sink(fg_home, kind, "--run", info.run_id, where[0], where[1] % "crashy")
+    assert train.wait(180) == 0
+    assert steady.wait(60) == 0 and restarted.wait(60) == 0, restarted.stderr.read().decode()
+    handled = int(restarted.stderr.read().decode().split(" records handled")[0].rsplit(" ", 1)[1])
+    total = len(list(read_journal(info.journal_path())))
+    assert 0 < handled < total  # the restart continued where the killed sink's output ended
+    if kind == "json":
+        steady_lines = (tmp_path / f"{info.run_id}-steady.jsonl").read_bytes()
+        assert (tmp_path / f"{info.run_id}-crashy.jsonl").read_bytes() == steady_lines
+        assert steady_lines.count(b"\n") == len(list(read_journal(info.journal_path())))
+    else:
+        a, b = scalars(tmp_path / "tb-steady" / info.run_id), scalars(tmp_path / "tb-crashy" / info.run_id)
+        assert a.keys() == b.keys()
+        for tag in a:
+            assert [s for s, _ in b[tag]] == [s for s, _ in a[tag]], tag  # no duplicate, no hole
+            assert all((x == y) or (math.isnan(x) and math.isnan(y)) for (_, x), (_, y) in zip(a[tag], b[tag]))

@@ -1,0 +1,273 @@
+"""The seed document's callbacks, on top of the bus: thin in-process handles for out-of-process sinks.
+
+`TBLogger`, `JsonLogger` and `TextgenCallback` keep the seed's names and parameters, but the heavy work
+happens in an `fg-sink` process each starts for the run at train begin and waits for after the end (it
+exits by itself after the run's end record). Their metadata (name, description, ...) is published as an
+`experiment` record, so every sink sees it. `GradLogger` computes gradient statistics in the training
+process, where the gradients are, with one fused device operation and no sync, and publishes them.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .bus_callback import active_bus
+from .callbacks import TrainerCallback
+
+logger = logging.getLogger(__name__)
+
+SINK_EXIT_TIMEOUT = 120.0
+SAMPLES_TIMEOUT = 120.0
+
+
+def _sink_command(kind: str, run_dir: str, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "sinks", kind, "--run", run_dir, *extra]
+
+
+class SinkProcess(TrainerCallback):
+    """Starts `fg-sink KIND` for this run at train begin; after the end, waits for it to finish writing."""
+
+    kind = "null"
+
+    def __init__(self, **metadata: Any):
+        self.metadata = {k: v for k, v in metadata.items() if v is not None}
+        self.process: subprocess.Popen | None = None
+
+    def sink_args(self, args) -> list[str]:
+        return []
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        bus = active_bus()
+        if bus is None:
+            logger.warning("%s: no event bus in this process (fg-train --no-bus?); the %s sink will not run",
+                           type(self).__name__, self.kind)
+            return
+        if self.metadata:
+            bus.publisher.publish("experiment", state.global_step, state.epoch,
+                                  meta={"source": type(self).__name__, "date": dt.date.today().isoformat(),
+                                        **self.metadata})
+        command = _sink_command(self.kind, str(bus.publisher.bus_dir), *self.sink_args(args))
+        self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL)
+        bus.add_after_close(self.wait)  # it exits after the end record; wait for it to finish writing
+        logger.info("started %s", " ".join(command))
+
+    def wait(self, timeout: float = SINK_EXIT_TIMEOUT) -> int | None:
+        """Wait for the sink to finish the run (it exits after the end record); stop it past `timeout`."""
+        if self.process is None:
+            return None
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            logger.error("the %s sink did not finish within %g s; stopping it", self.kind, timeout)
+            self.process.terminate()
+            try:
+                return self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                return self.process.wait(10)
+        finally:
+            self.process = None
+
+
+def _logdir_of(summary_writer) -> str | None:
+    if summary_writer is None:
+        return None
+    if isinstance(summary_writer, (str, os.PathLike)):
+        return str(summary_writer)
+    log_dir = getattr(summary_writer, "log_dir", None) or getattr(summary_writer, "get_logdir", lambda: None)()
+    return str(log_dir) if log_dir else None
+
+
+class TBLogger(SinkProcess):
+    """The seed's TBLogger: `TBLogger(summary_writer_or_logdir=None, name=..., description=..., **metadata)`.
+
+    TensorBoard files are written by an `fg-sink tb` process into the writer's log_dir (or `OUTPUT_DIR/tb`).
+    """
+
+    kind = "tb"
+
+    def __init__(self, summary_writer=None, **metadata: Any):
+        super().__init__(**metadata)
+        self.logdir = _logdir_of(summary_writer)
+
+    def sink_args(self, args) -> list[str]:
+        return ["--logdir", self.logdir] if self.logdir else []
+
+
+class JsonLogger(SinkProcess):
+    """The seed's JsonLogger: `JsonLogger(name=..., description=..., config=..., out=None)`; every record of
+    the run goes to `out` (default `OUTPUT_DIR/logs/RUN.jsonl`) through an `fg-sink json` process."""
+
+    kind = "json"
+
+    def __init__(self, out: str | None = None, **metadata: Any):
+        super().__init__(**metadata)
+        self.out = out
+
+    def sink_args(self, args) -> list[str]:
+        return ["--out", self.out] if self.out else []
+
+
+class TextgenCallback(SinkProcess):
+    """The seed's TextgenCallback: every `generation_steps` steps the weights are snapshotted (the copy and
+    the write happen off the training thread's critical path) and a `snapshot` record is published; an
+    `fg-sink textgen` process generates from each prompt and sends the samples back as `textgen` records."""
+
+    kind = "textgen"
+
+    def __init__(self, prompts: list[str] | None = None, generation_config: dict | None = None,
+                 generation_steps: int = 1000, summary_writer=None, keep_snapshots: int = 2, device: str = "cpu",
+                 **metadata: Any):
+        super().__init__(**metadata)
+        if generation_steps < 1:
+            raise ValueError(f"generation_steps={generation_steps}: must be >= 1")
+        self.prompts = list(prompts or ["The "])
+        self.generation_config = dict(generation_config or {})
+        self.generation_steps = generation_steps
+        self.keep_snapshots = keep_snapshots
+        self.device = device
+        self._writer: threading.Thread | None = None
+        self.snapshots = 0
+
+    def sink_args(self, args) -> list[str]:
+        out = ["--device", self.device]
+        for prompt in self.prompts:
+            out += ["--prompt", prompt]
+        for key, value in self.generation_config.items():
+            flag = "--" + key.replace("_", "-")
+            if isinstance(value, bool):
+                out.append(flag if value else f"--no-{key.replace('_', '-')}")
+            else:
+                out += [flag, str(value)]
+        return out
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step % self.generation_steps or model is None or not state.is_world_process_zero:
+            return
+        bus = active_bus()
+        if bus is None:
+            return
+        if self._writer is not None and self._writer.is_alive():
+            logger.warning("textgen: the previous snapshot is still being written; skipping step %d", state.global_step)
+            return
+        # The copy starts now (asynchronously on a GPU) so the weights are those of this step; the writer
+        # thread waits for it and saves, so the training thread never waits for the disk.
+        on_device = next(model.parameters()).device.type != "cpu"
+        weights = {k: v.detach().to("cpu", non_blocking=on_device, copy=True) for k, v in model.state_dict().items()}
+        done = torch.cuda.Event() if on_device else None
+        if done is not None:
+            done.record()
+        directory = Path(bus.publisher.bus_dir) / "snapshots"
+        step, epoch = state.global_step, state.epoch
+
+        def write():
+            if done is not None:
+                done.synchronize()
+            directory.mkdir(exist_ok=True)
+            path = directory / f"step-{step}.pt"
+            torch.save(weights, path)
+            bus.publisher.publish("snapshot", step, epoch, path=str(path))
+            self.snapshots += 1
+            for old in sorted(directory.glob("step-*.pt"), key=lambda p: int(p.stem.split("-")[1]))[:-self.keep_snapshots]:
+                old.unlink(missing_ok=True)
+
+        self._writer = threading.Thread(target=write, name="fg-textgen-snapshot", daemon=True)
+        self._writer.start()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        """Before the stream ends, let the sink send back the samples of every snapshot (bounded wait)."""
+        if self._writer is not None:
+            self._writer.join(60)
+        bus = active_bus()
+        if bus is None or self.process is None:
+            return
+        expected = self.snapshots * len(self.prompts)
+        deadline = time.monotonic() + SAMPLES_TIMEOUT
+        while bus.publisher.received["textgen"] < expected and self.process.poll() is None:
+            if time.monotonic() > deadline:
+                logger.warning("textgen: %d of %d samples arrived within %g s; ending the run without the rest",
+                               bus.publisher.received["textgen"], expected, SAMPLES_TIMEOUT)
+                break
+            time.sleep(0.05)
+
+
+class GradLogger(TrainerCallback):
+    """Gradient statistics every `log_frequency` steps, while the gradients exist (on_pre_optimizer_step,
+    after clipping, before zero_grad): one fused `torch._foreach_norm` over all gradients, no sync.
+
+    Publishes a `grad_stats` record with grad_norm_total/max/min/mean and the norms of parameters whose
+    name matches a `track_layers` regex; a total norm below `vanishing` or above `exploding` is published
+    as a `warning` record (checked when the values reach the host, never by waiting for them).
+    """
+
+    def __init__(self, log_frequency: int = 100, track_layers: list[str] | None = None, summary_writer=None,
+                 vanishing: float = 1e-7, exploding: float = 1e3):
+        if log_frequency < 1:
+            raise ValueError(f"log_frequency={log_frequency}: must be >= 1")
+        self.log_frequency = log_frequency
+        self.patterns = [re.compile(p) for p in (track_layers or [])]
+        self.vanishing = vanishing
+        self.exploding = exploding
+        self._pending: tuple | None = None  # (pinned value, CUDA event, step, epoch) not yet checked
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        step = state.global_step + 1  # the step this optimizer update completes
+        if model is None or step % self.log_frequency:
+            return
+        bus = active_bus()
+        if bus is None:
+            return
+        named = [(n, p.grad) for n, p in model.named_parameters() if p.grad is not None]
+        if not named:
+            return
+        norms = torch.stack(torch._foreach_norm([g for _, g in named]))  # one fused kernel launch
+        values = {
+            "grad_norm_total": torch.linalg.vector_norm(norms),
+            "grad_norm_max": norms.max(),
+            "grad_norm_min": norms.min(),
+            "grad_norm_mean": norms.mean(),
+        }
+        for index, (name, _) in enumerate(named):
+            if any(p.search(name) for p in self.patterns):
+                values[f"layer/{name}"] = norms[index]
+        bus.publish_tensors("grad_stats", step, state.epoch, values)
+        self._watch(values["grad_norm_total"], step, state.epoch, bus)
+
+    def _watch(self, total: torch.Tensor, step: int, epoch: float, bus) -> None:
+        """Warn about a vanishing or exploding norm once its value is on the host, without waiting for it."""
+        if total.device.type == "cpu":
+            self._check(float(total), step, epoch, bus)  # a host tensor: reading it waits for nothing
+            return
+        if self._pending is not None and self._pending[1].query():
+            buffer, _, pending_step, pending_epoch = self._pending
+            self._check(float(buffer), pending_step, pending_epoch, bus)
+            self._pending = None
+        if self._pending is None:
+            buffer = torch.empty((), dtype=torch.float32, pin_memory=True)
+            buffer.copy_(total.float(), non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self._pending = (buffer, event, step, epoch)
+
+    def _check(self, total: float, step: int, epoch: float, bus) -> None:
+        if total != total or total > self.exploding:
+            kind = "exploding"
+        elif total < self.vanishing:
+            kind = "vanishing"
+        else:
+            return
+        bus.publisher.publish("warning", step, epoch, metrics={"grad_norm_total": total},
+                              message=f"{kind} gradient: total norm {total:.3g} at step {step}")
