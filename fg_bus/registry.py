@@ -184,13 +184,23 @@ def resolve(spec: str | os.PathLike) -> RunInfo | None:
     raise RunNotFound(f"{text!r} matches {len(matches)} runs: {', '.join(r.run_id for r in matches[:5])}")
 
 
-def wait_for_run(spec: str, timeout: float | None, started_after: float = 0.0, poll: float = 0.2) -> RunInfo:
-    """Resolve `spec`; for `latest` with no live run, wait for the next run to start (up to timeout)."""
+def wait_for_run(spec: str, timeout: float | None, started_after: float | None = None, poll: float = 0.2,
+                 should_stop=lambda: False) -> RunInfo | None:
+    """Resolve `spec`. For `latest`: the newest live run, if one is live and started after `started_after`;
+    otherwise wait for the next run to start (the first one started after the wait began, even if it has
+    already ended by the time it is seen: a short run is not missed). None if `should_stop()` turns true."""
+    if spec != "latest":
+        return resolve(spec)
+    since = time.time() if started_after is None else started_after
+    info = resolve("latest")
+    if info is not None and info.data.get("started", 0) >= (started_after or 0):
+        return info
     deadline = None if timeout is None else time.monotonic() + timeout
-    while True:
-        info = resolve(spec)
-        if info is not None and info.data.get("started", 0) >= started_after:
-            return info
+    while not should_stop():
+        newer = [r for r in list_runs() if r.data.get("started", 0) >= since]
+        if newer:
+            return newer[0]
         if deadline is not None and time.monotonic() >= deadline:
-            raise TimeoutError(f"no live run appeared within {timeout:g} s")
+            raise TimeoutError(f"no run started within {timeout:g} s")
         time.sleep(poll)
+    return None

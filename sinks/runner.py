@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import signal
 import sys
-import time
 from dataclasses import dataclass
 
 from fg_bus import registry
@@ -80,7 +79,7 @@ def run_sink(sink: Sink, run: str = "latest", start: int | str = "start", follow
     stop = _Stop()
     previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
     code = 0
-    last_started = 0.0
+    last_started: float | None = None  # None: the newest live run, else the first to start from now on
     try:
         while stop.signal is None:
             try:
@@ -109,23 +108,15 @@ def run_sink(sink: Sink, run: str = "latest", start: int | str = "start", follow
     return code
 
 
-def _attach(run: str, wait: float | None, started_after: float, stop: _Stop) -> registry.RunInfo | None:
-    """Resolve the run; for `latest`, wait (checking for signals) until one newer than the last starts."""
+def _attach(run: str, wait: float | None, started_after: float | None, stop: _Stop) -> registry.RunInfo | None:
+    """Resolve the run; for `latest`, wait (checking for signals) until a run newer than the last starts."""
     if run != "latest":
         info = registry.resolve(run)
         if info is None:
             raise registry.RunNotFound(f"no run {run!r}")
         return info
-    deadline = None if wait is None else time.monotonic() + wait
-    announced = False
-    while stop.signal is None:
-        info = registry.resolve("latest")
-        if info is not None and info.data.get("started", 0) >= started_after:
-            return info
-        if not announced:
-            print("fg-sink: waiting for a run to start (fg-train publishes one)", file=sys.stderr, flush=True)
-            announced = True
-        if deadline is not None and time.monotonic() >= deadline:
-            raise TimeoutError(f"no run started within {wait:g} s")
-        time.sleep(0.2)
-    return None
+    info = registry.resolve("latest")
+    if info is None or (started_after is not None and info.data.get("started", 0) < started_after):
+        print("fg-sink: waiting for a run to start (fg-train publishes one)", file=sys.stderr, flush=True)
+    return registry.wait_for_run("latest", wait, started_after=started_after,
+                                 should_stop=lambda: stop.signal is not None)

@@ -124,7 +124,7 @@ class TextgenSink(Sink):
         options = {k: v for k, v in self.generation.items() if v is not None}
         try:
             return self.model.generate(ids, generator=generator, **options)
-        except TypeError:  # transformers' generate takes no generator; its sampling follows torch's seed
+        except (TypeError, ValueError):  # transformers' generate refuses `generator`: it follows torch's seed
             import torch
 
             torch.manual_seed(int(generator.initial_seed()))

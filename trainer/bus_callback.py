@@ -12,6 +12,7 @@ Control commands (`fg-bus ctl`, SIGINT/SIGTERM in `fg-train`) are applied here a
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import platform
@@ -51,11 +52,13 @@ def _factory_of(obj: Any) -> str | None:
 
 
 def _config_of(model: Any) -> dict | None:
+    """The model's config as plain JSON (transformers configs hold int-keyed dicts such as id2label; JSON
+    makes those keys strings, which `from_dict` accepts back)."""
     config = getattr(model, "config", None)
     for attr in ("to_dict", "to_diff_dict"):
         if hasattr(config, attr):
             try:
-                return getattr(config, attr)()
+                return json.loads(json.dumps(getattr(config, attr)(), default=str))
             except (TypeError, ValueError):
                 continue
     return None
