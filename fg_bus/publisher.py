@@ -452,15 +452,17 @@ def _wait_until(ready: Callable[[], bool], timeout: float) -> None:
         time.sleep(0.001)
 
 
-def _send_reply(router, identity: bytes, kind: bytes, body: bytes) -> bool:
+def _send_reply(router, identity: bytes, kind: bytes, body: bytes) -> str:
+    """Send one reply without blocking: "sent", "full" (the client's queue is full: retry later) or
+    "gone" (the client disconnected)."""
     try:
         router.send_multipart([identity, kind, body], flags=zmq.NOBLOCK)
-        return True
+        return "sent"
     except zmq.Again:
-        return False
+        return "full"
     except zmq.ZMQError as e:
         if e.errno == zmq.EHOSTUNREACH:
-            return False
+            return "gone"
         raise
 
 
@@ -473,31 +475,17 @@ class _Replay:
         self.chunks = chunks
         self.end_seq = end_seq
         self.pending: bytes | None = None
-        self.finished = False
 
     def pump(self, router) -> bool:
         """Send what the client will take now; False when this replay is over (done, or client gone)."""
         for _ in range(16):
             if self.pending is None:
                 self.pending = next(self.chunks, None)
-                if self.pending is None:
-                    body = orjson.dumps({"next_seq": self.end_seq})
-                    try:
-                        router.send_multipart([self.identity, b"done", body], flags=zmq.NOBLOCK)
-                    except zmq.Again:
-                        self.pending = None
-                        return True
-                    except zmq.ZMQError as e:
-                        if e.errno != zmq.EHOSTUNREACH:
-                            raise
-                    return False
-            try:
-                router.send_multipart([self.identity, b"chunk", self.pending], flags=zmq.NOBLOCK)
-                self.pending = None
-            except zmq.Again:
-                return True
-            except zmq.ZMQError as e:
-                if e.errno == zmq.EHOSTUNREACH:
-                    return False
-                raise
+            if self.pending is None:
+                result = _send_reply(router, self.identity, b"done", orjson.dumps({"next_seq": self.end_seq}))
+                return result == "full"
+            result = _send_reply(router, self.identity, b"chunk", self.pending)
+            if result != "sent":
+                return result == "full"
+            self.pending = None
         return True

@@ -89,5 +89,20 @@ def fg_home(tmp_path_factory, monkeypatch):
     return home
 
 
+def explain(proc) -> str:
+    """A finished subprocess, for assertion messages."""
+    return f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+
+
+def dead_pid() -> int:
+    """A pid with no process behind it (for runs whose trainer is gone)."""
+    from fg_bus import registry
+
+    for pid in [4_194_303, 4_194_301, 2_000_003, *range(99_999, 1_000, -1)]:
+        if not registry.pid_alive(pid):
+            return pid
+    raise RuntimeError("no free pid found")
+
+
 def python_bin_dir() -> str:
     return os.path.dirname(sys.executable)

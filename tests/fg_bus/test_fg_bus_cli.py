@@ -17,6 +17,7 @@ import pytest
 from fg_bus import registry
 from fg_bus.records import decode, encode
 from fg_bus.registry import RunInfo
+from conftest import dead_pid, explain
 
 FG_BUS = os.path.join(os.path.dirname(sys.executable), "fg-bus")
 TIMEOUT = 30  # seconds per command (each takes well under one)
@@ -28,15 +29,8 @@ def fg_bus(fg_home: Path, *args: str, cwd=None) -> subprocess.CompletedProcess:
     return subprocess.run([FG_BUS, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=TIMEOUT)
 
 
-def explain(proc: subprocess.CompletedProcess) -> str:
-    return f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
 
 
-def dead_pid() -> int:
-    for pid in [4_194_303, 4_194_301, 2_000_003, *range(99_999, 1_000, -1)]:
-        if not registry.pid_alive(pid):
-            return pid
-    raise RuntimeError("no free pid found")
 
 
 def make_run(root: Path, run_id: str, *, pid: int | None = None, status: str = registry.RUNNING,

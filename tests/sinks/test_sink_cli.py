@@ -15,6 +15,7 @@ from pathlib import Path
 from fg_bus import registry
 from fg_bus.records import decode, encode
 from fg_bus.registry import RunInfo
+from conftest import dead_pid, explain
 
 FG_SINK = os.path.join(os.path.dirname(sys.executable), "fg-sink")
 TIMEOUT = 30  # seconds per command (each takes about one)
@@ -26,15 +27,8 @@ def fg_sink(fg_home: Path, *args: str, extra_env: dict | None = None) -> subproc
     return subprocess.run([FG_SINK, *args], env=env, capture_output=True, text=True, timeout=TIMEOUT)
 
 
-def explain(proc: subprocess.CompletedProcess) -> str:
-    return f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
 
 
-def dead_pid() -> int:
-    for pid in [4_194_303, 4_194_301, 2_000_003, *range(99_999, 1_000, -1)]:
-        if not registry.pid_alive(pid):
-            return pid
-    raise RuntimeError("no free pid found")
 
 
 def ended_run(root: Path, run_id: str) -> tuple[RunInfo, list[dict]]:
