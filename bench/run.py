@@ -1,0 +1,307 @@
+"""The benchmark suite: what logging costs the training step, side by side with the alternatives.
+
+    python bench/run.py [--quick] [--device cpu|cuda] [--json FILE]
+
+Prints a table, and as its last line one JSON object with every figure. Ratios come from the two sides
+measured in the same run, interleaved (A B A B ...), summarised by the median over rounds.
+
+  publish_us_median/p99, floor_us_median   bench/hotpath.py: BusCallback per event vs orjson.dumps + PUB send
+  step_ratio_sinks    mean time per step of the default char GPT (logging every step) with the tb, json,
+                      textgen (every 50 steps) and tail sinks attached, over the same run with publishing off
+  step_ratio_inline   the same logging inside the training process (a SummaryWriter callback, a JSON-file
+                      callback, generation inline every 50 steps), over publishing off
+  loop_ratio_raw      this Trainer with publishing off, over a plain PyTorch loop (same model, data,
+                      optimizer, schedule, clipping)
+  tb_sink_records_per_s, summarywriter_records_per_s   bench/tb_throughput.py
+  replay_records_per_s    a Subscriber replaying a live run's journal of N records (1M; 100k with --quick)
+  journal_bytes_per_record, bus_rss_mb    journal size per record; fg-train's resident memory at the end
+                      of a run with the bus on minus off (VmRSS, separate processes)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import hotpath  # noqa: E402
+import tb_throughput  # noqa: E402
+
+from fg_bus import Publisher, Subscriber, registry  # noqa: E402
+from trainer import InfoCallback, PrinterCallback, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
+from trainer.bus_callback import BusCallback  # noqa: E402
+from trainer.chargpt import char_gpt_for  # noqa: E402
+from trainer.data import CharCorpus, EpochSampler, default_data_collator  # noqa: E402
+from trainer.sink_callbacks import JsonLogger, TBLogger, TextgenCallback  # noqa: E402
+
+GENERATE_EVERY = 50
+
+
+class StepClock(TrainerCallback):
+    """Wall time from the first step's begin to the last step's end, skipping `warmup` steps."""
+
+    def __init__(self, warmup: int = 3):
+        self.warmup = warmup
+        self.start = self.end = None
+        self.steps = 0
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == self.warmup and self.start is None:
+            self.start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.start is not None:
+            self.steps += 1
+            self.end = time.perf_counter()
+
+    def on_log(self, args, state, control, **kwargs):
+        if self.start is not None:
+            self.end = time.perf_counter()  # logging done after a step belongs to it
+
+    @property
+    def per_step(self) -> float:
+        return (self.end - self.start) / self.steps
+
+
+class InlineSummaryWriter(TrainerCallback):
+    """The usual way: a SummaryWriter in the training process, HF's tag names."""
+
+    def __init__(self, logdir: str):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(logdir)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        for key, value in (logs or {}).items():
+            if isinstance(value, (int, float)) and key != "epoch":
+                tag = f"eval/{key[5:]}" if key.startswith("eval_") else f"train/{key}"
+                self.writer.add_scalar(tag, value, state.global_step)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.writer.close()
+
+
+class InlineJson(TrainerCallback):
+    """The usual way: one JSON line per log event, written by the training process."""
+
+    def __init__(self, path: str):
+        self.file = open(path, "w")
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.file.write(json.dumps({"event": "on_log", "global_step": state.global_step, "epoch": state.epoch,
+                                    "metrics": logs}) + "\n")
+        self.file.flush()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.file.close()
+
+
+class InlineTextgen(TrainerCallback):
+    """The usual way: generation inside the training step every N steps."""
+
+    def __init__(self, tokenizer, every: int, max_new_tokens: int = 60):
+        self.tokenizer, self.every, self.max_new_tokens = tokenizer, every, max_new_tokens
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step % self.every == 0:
+            model.eval()
+            ids = torch.tensor([self.tokenizer.encode("The ")], device=args.device)
+            model.generate(ids, max_new_tokens=self.max_new_tokens, temperature=0.8, top_p=0.95)
+            model.train()
+
+
+def _trainer(corpus, out: Path, steps: int, device: str, callbacks=(), event_bus=None) -> Trainer:
+    torch.manual_seed(0)
+    model = char_gpt_for(corpus.tokenizer, block_size=64)
+    args = TrainingArguments(output_dir=str(out), max_steps=steps, per_device_train_batch_size=32,
+                             learning_rate=3e-3, logging_steps=1, save_strategy="no", disable_tqdm=True,
+                             use_cpu=device == "cpu", report_to="none")
+    trainer = Trainer(model, args, train_dataset=corpus.train_dataset, processing_class=corpus.tokenizer,
+                      callbacks=list(callbacks), event_bus=event_bus)
+    trainer.remove_callback(InfoCallback)  # no printing inside the measurement
+    trainer.remove_callback(PrinterCallback)
+    return trainer
+
+
+def step_ratios(corpus, steps: int, rounds: int, device: str) -> dict:
+    work = Path(tempfile.mkdtemp(prefix="fg-bench-steps-"))
+    off, sinks, inline = [], [], []
+    for r in range(rounds):
+        clock = StepClock()
+        _trainer(corpus, work / f"off{r}", steps, device, [clock]).train()
+        off.append(clock.per_step)
+
+        clock = StepClock()
+        bus = BusCallback(run_name=f"bench-sinks-{r}")
+        callbacks = [clock, TBLogger(), JsonLogger(), TextgenCallback(generation_steps=GENERATE_EVERY)]
+        trainer = _trainer(corpus, work / f"sinks{r}", steps, device, callbacks, event_bus=bus)
+        tail = subprocess.Popen([sys.executable, "-m", "sinks", "tail", "--run", str(bus.publisher.bus_dir)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        trainer.train()
+        tail.wait(120)
+        sinks.append(clock.per_step)
+
+        clock = StepClock()
+        callbacks = [clock, InlineSummaryWriter(str(work / f"inline{r}" / "tb")),
+                     InlineJson(str(work / f"inline{r}.jsonl")), InlineTextgen(corpus.tokenizer, GENERATE_EVERY)]
+        _trainer(corpus, work / f"inline{r}", steps, device, callbacks).train()
+        inline.append(clock.per_step)
+    return {
+        "step_ms_off": statistics.median(off) * 1e3,
+        "step_ms_sinks": statistics.median(sinks) * 1e3,
+        "step_ms_inline": statistics.median(inline) * 1e3,
+        "step_ratio_sinks": statistics.median([s / o for s, o in zip(sinks, off)]),
+        "step_ratio_inline": statistics.median([i / o for i, o in zip(inline, off)]),
+    }
+
+
+def loop_ratio(corpus, steps: int, rounds: int, device: str) -> dict:
+    work = Path(tempfile.mkdtemp(prefix="fg-bench-loop-"))
+    ours, raw = [], []
+    for r in range(rounds):
+        clock = StepClock()
+        _trainer(corpus, work / f"t{r}", steps, device, [clock]).train()  # logging every step, as above
+        ours.append(clock.per_step)
+        raw.append(_raw_loop(corpus, steps, device))
+    return {"step_ms_trainer": statistics.median(ours) * 1e3, "step_ms_raw": statistics.median(raw) * 1e3,
+            "loop_ratio_raw": statistics.median([o / w for o, w in zip(ours, raw)])}
+
+
+def _raw_loop(corpus, steps: int, device: str, warmup: int = 3) -> float:
+    """A plain loop: same model, data order, AdamW, linear schedule, clipping; loss read every step, as the
+    Trainer's logging_steps=1 does."""
+    torch.manual_seed(0)
+    dev = torch.device(device)
+    model = char_gpt_for(corpus.tokenizer, block_size=64).to(dev)
+    loader = torch.utils.data.DataLoader(corpus.train_dataset, batch_size=32, collate_fn=default_data_collator,
+                                         sampler=EpochSampler(len(corpus.train_dataset), seed=42))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1 - s / steps))
+    step, start = 0, None
+    while step < steps:
+        for batch in loader:
+            if step == warmup:
+                start = time.perf_counter()
+            batch = {k: v.to(dev) for k, v in batch.items()}
+            loss = model(**batch).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            loss.item()
+            step += 1
+            if step >= steps:
+                break
+    return (time.perf_counter() - start) / (steps - warmup)
+
+
+def replay_rate(n: int) -> dict:
+    work = Path(tempfile.mkdtemp(prefix="fg-bench-replay-"))
+    pub = Publisher(work / "fg-bus" / "replay", registry.new_run_id("bench-replay")).start()
+    metrics = {"loss": 2.345, "grad_norm": 0.8, "learning_rate": 3e-4}
+    for i in range(n):
+        pub.publish("on_step_end", i, i / 1000, metrics=metrics)
+    journal = registry.resolve(pub.run_id).journal_path()
+    while journal.stat().st_size == 0 or journal.read_bytes().count(b"\n") < n:  # all journaled
+        time.sleep(0.05)
+    t0 = time.perf_counter()
+    sub = Subscriber(pub.run_id, from_seq=0, dead_after=60)
+    got = 0
+    while got < n:
+        got += len(sub.poll(1.0))
+    elapsed = time.perf_counter() - t0
+    sub.close()
+    pub.close()
+    return {"replay_records": n, "replay_records_per_s": n / elapsed,
+            "journal_bytes_per_record": journal.stat().st_size / (n + 1)}
+
+
+def bus_rss(steps: int) -> dict:
+    """Resident memory of fg-train at the end of a run with the bus on, minus off (each its own process,
+    VmRSS read after training; the smaller of two runs each)."""
+
+    def rss(*extra: str) -> float:
+        code = ("import sys; from trainer.cli import main; main(sys.argv[1:]); "
+                "print('RSS', next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmRSS')))")
+        out = tempfile.mkdtemp(prefix="fg-bench-rss-")
+        proc = subprocess.run([sys.executable, "-c", code, "--max-steps", str(steps), "--device", "cpu",
+                               "--output-dir", out, "--no-progress", *extra],
+                              capture_output=True, text=True, timeout=600,
+                              env={**os.environ, "FG_HOME": tempfile.mkdtemp(prefix="fg-bench-home-")})
+        line = next((l for l in proc.stdout.splitlines() if l.startswith("RSS")), None)
+        if line is None:
+            raise RuntimeError(f"fg-train failed in the RSS measurement: {proc.stderr[-2000:]}")
+        return int(line.split()[1]) / 1024  # kB -> MB
+
+    off = [rss("--no-bus") for _ in range(2)]
+    on = [rss() for _ in range(2)]
+    return {"rss_mb_bus_off": min(off), "rss_mb_bus_on": min(on), "bus_rss_mb": min(on) - min(off)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="smaller sizes: about two minutes on 2 CPU cores")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--json", type=Path, help="also write the figures to this file")
+    opts = p.parse_args(argv)
+    if opts.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: torch sees no CUDA device")
+    os.environ.setdefault("FG_HOME", tempfile.mkdtemp(prefix="fg-bench-home-"))
+    q = opts.quick
+    sizes = {"events": 20_000 if q else 100_000, "steps": 60 if q else 300, "rounds": 2 if q else 3,
+             "tb_records": 5_000 if q else 20_000, "replay": 100_000 if q else 1_000_000, "rss_steps": 20 if q else 100}
+    figures: dict = {"quick": q, "device": opts.device}
+    t_all = time.perf_counter()
+    hot = hotpath.run(sizes["events"])
+    figures.update({k: hot[k] for k in ("publish_us_median", "publish_us_p99", "floor_us_median")})
+    corpus = CharCorpus(block_size=64)
+    figures.update(step_ratios(corpus, sizes["steps"], sizes["rounds"], opts.device))
+    figures.update(loop_ratio(corpus, sizes["steps"], sizes["rounds"], opts.device))
+    records = tb_throughput.make_records(sizes["tb_records"])
+    sink_s, writer_s = [], []
+    for _ in range(sizes["rounds"]):
+        sink_s.append(tb_throughput.run_sink(records))
+        writer_s.append(tb_throughput.run_summarywriter(records))
+    figures["tb_sink_records_per_s"] = len(records) / statistics.median(sink_s)
+    figures["summarywriter_records_per_s"] = len(records) / statistics.median(writer_s)
+    figures.update(replay_rate(sizes["replay"]))
+    figures.update(bus_rss(sizes["rss_steps"]))
+    figures["seconds"] = time.perf_counter() - t_all
+
+    rows = [
+        ("publish per event (median / p99)", f"{figures['publish_us_median']:.2f} / {figures['publish_us_p99']:.1f} us"),
+        ("floor per event (median)", f"{figures['floor_us_median']:.2f} us"),
+        ("step, publishing off", f"{figures['step_ms_off']:.2f} ms"),
+        ("step ratio, 4 sinks attached", f"{figures['step_ratio_sinks']:.3f}x"),
+        ("step ratio, same logging inline", f"{figures['step_ratio_inline']:.3f}x"),
+        ("Trainer vs plain loop", f"{figures['loop_ratio_raw']:.3f}x"),
+        ("tb sink / SummaryWriter records/s", f"{figures['tb_sink_records_per_s']:,.0f} / "
+                                              f"{figures['summarywriter_records_per_s']:,.0f}"),
+        (f"replay of {figures['replay_records']:,} records", f"{figures['replay_records_per_s']:,.0f} records/s"),
+        ("journal bytes per record", f"{figures['journal_bytes_per_record']:.0f}"),
+        ("trainer RSS, bus on - off", f"{figures['bus_rss_mb']:.1f} MB"),
+    ]
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
+    if opts.json:
+        opts.json.write_text(json.dumps(figures, indent=1))
+    print(json.dumps(figures))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

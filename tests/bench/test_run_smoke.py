@@ -1,0 +1,29 @@
+"""`bench/run.py --quick` runs and prints every figure (a smoke test: no timing is asserted)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "bench" / "run.py"
+KEYS = ("publish_us_median", "publish_us_p99", "floor_us_median", "step_ratio_sinks", "step_ratio_inline",
+        "loop_ratio_raw", "tb_sink_records_per_s", "summarywriter_records_per_s", "replay_records_per_s",
+        "journal_bytes_per_record", "bus_rss_mb")
+
+
+@pytest.mark.timeout(900)
+def test_the_quick_benchmark_prints_every_key(tmp_path):
+    proc = subprocess.run([sys.executable, str(BENCH), "--quick", "--json", str(tmp_path / "f.json")],
+                          capture_output=True, text=True, timeout=870)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    figures = json.loads(proc.stdout.strip().splitlines()[-1])
+    for key in KEYS:
+        assert isinstance(figures[key], (int, float)), key
+    for key in KEYS[:-1]:
+        assert figures[key] > 0, key
+    assert json.loads((tmp_path / "f.json").read_text()) == figures
+    assert "step ratio, 4 sinks attached" in proc.stdout
