@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import hotpath  # noqa: E402
 import tb_throughput  # noqa: E402
 
-from fg_bus import Publisher, Subscriber, registry  # noqa: E402
+from fg_bus import Subscriber, registry  # noqa: E402
 from trainer import InfoCallback, PrinterCallback, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 from trainer.bus_callback import BusCallback  # noqa: E402
 from trainer.chargpt import char_gpt_for  # noqa: E402
@@ -208,25 +208,47 @@ def _raw_loop(corpus, steps: int, device: str, warmup: int = 3) -> float:
     return (time.perf_counter() - start) / (steps - warmup)
 
 
+_REPLAY_TRAINER = """
+import sys, time
+from pathlib import Path
+from fg_bus import Publisher, registry
+n, work = int(sys.argv[1]), Path(sys.argv[2])
+pub = Publisher(work / "fg-bus" / "replay", registry.new_run_id("bench-replay")).start()
+metrics = {"loss": 2.345, "grad_norm": 0.8, "learning_rate": 3e-4}
+for i in range(n):
+    pub.publish("on_step_end", i, i / 1000, metrics=metrics)
+journal = registry.resolve(pub.run_id).journal_path()
+while journal.read_bytes().count(b"\\n") < n:
+    time.sleep(0.05)
+print(pub.run_id, flush=True)
+sys.stdin.read()  # stay live until the benchmark is done
+pub.close()
+"""
+
+
 def replay_rate(n: int) -> dict:
+    """A live run with n records in its journal, in its own process (as a trainer is); a Subscriber from
+    seq 0 times the replay of all of them through the run's replay socket."""
     work = Path(tempfile.mkdtemp(prefix="fg-bench-replay-"))
-    pub = Publisher(work / "fg-bus" / "replay", registry.new_run_id("bench-replay")).start()
-    metrics = {"loss": 2.345, "grad_norm": 0.8, "learning_rate": 3e-4}
-    for i in range(n):
-        pub.publish("on_step_end", i, i / 1000, metrics=metrics)
-    journal = registry.resolve(pub.run_id).journal_path()
-    while journal.stat().st_size == 0 or journal.read_bytes().count(b"\n") < n:  # all journaled
-        time.sleep(0.05)
-    t0 = time.perf_counter()
-    sub = Subscriber(pub.run_id, from_seq=0, dead_after=60)
-    got = 0
-    while got < n:
-        got += len(sub.poll(1.0))
-    elapsed = time.perf_counter() - t0
-    sub.close()
-    pub.close()
-    return {"replay_records": n, "replay_records_per_s": n / elapsed,
-            "journal_bytes_per_record": journal.stat().st_size / (n + 1)}
+    trainer = subprocess.Popen([sys.executable, "-c", _REPLAY_TRAINER, str(n), str(work)], stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, text=True)
+    try:
+        run_id = trainer.stdout.readline().strip()
+        if not run_id:
+            raise RuntimeError("the replay benchmark's publisher did not start")
+        t0 = time.perf_counter()
+        sub = Subscriber(run_id, from_seq=0, dead_after=60)
+        got = 0
+        while got < n:
+            got += len(sub.poll(1.0))
+        elapsed = time.perf_counter() - t0
+        sub.close()
+        journal = registry.resolve(run_id).journal_path()
+        size = journal.stat().st_size
+    finally:
+        trainer.stdin.close()
+        trainer.wait(60)
+    return {"replay_records": n, "replay_records_per_s": n / elapsed, "journal_bytes_per_record": size / n}
 
 
 def bus_rss(steps: int) -> dict:

@@ -13,7 +13,9 @@ from array import array
 from collections.abc import Iterator
 from pathlib import Path
 
-from .records import RecordError, decode
+import orjson
+
+from .records import RecordError, decode, may_hold_nonfinite, validate
 
 logger = logging.getLogger(__name__)
 
@@ -104,16 +106,38 @@ class JournalStats:
 
 
 def split_records(chunk: bytes, stats: JournalStats | None = None) -> Iterator[dict]:
-    """Decode the complete lines of a chunk; malformed ones are counted in `stats` and skipped."""
-    for line in chunk.split(b"\n"):
+    """Decode the complete lines of a chunk; malformed ones are counted in `stats` and skipped.
+
+    Fast path: the whole chunk parsed as one JSON array (one orjson call instead of one per line); if
+    any line is not a JSON value on its own, every line is parsed separately to find and skip it."""
+    body = chunk.strip(b"\n")
+    if not body:
+        return
+    try:
+        values = orjson.loads(b"[" + body.replace(b"\n", b",") + b"]")
+    except orjson.JSONDecodeError:
+        values = None
+    if values is not None and len(values) == body.count(b"\n") + 1:
+        restore = may_hold_nonfinite(body)
+        for value in values:
+            try:
+                yield validate(value, restore)
+            except RecordError as e:
+                _skip(e, stats)
+        return
+    for line in body.split(b"\n"):
         if not line:
             continue
         try:
             yield decode(line)
         except RecordError as e:
-            if stats is not None:
-                stats.count(e.reason)
-            logger.warning("skipping a malformed journal line: %s", e)
+            _skip(e, stats)
+
+
+def _skip(error: RecordError, stats: JournalStats | None) -> None:
+    if stats is not None:
+        stats.count(error.reason)
+    logger.warning("skipping a malformed journal line: %s", error)
 
 
 def read_journal(path: str | os.PathLike, from_seq: int = 0, stats: JournalStats | None = None) -> Iterator[dict]:

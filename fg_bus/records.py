@@ -105,33 +105,41 @@ def _restore(obj: Any) -> Any:
     return obj
 
 
-def validate(record: Any) -> dict:
-    """Check a decoded value is a v1 record; restore non-finite floats. Raises RecordError with a reason."""
-    if not isinstance(record, dict):
+def validate(record: Any, restore: bool = True) -> dict:
+    """Check a decoded value is a v1 record; restore non-finite floats (`restore=False`: the caller knows
+    the bytes held none). Raises RecordError with a reason."""
+    if type(record) is not dict:
         raise RecordError("not-an-object", f"a record must be a JSON object, got {type(record).__name__}")
-    missing = [f for f in REQUIRED_FIELDS if f not in record]
-    if missing:
-        raise RecordError("missing-field", f"record lacks {', '.join(missing)}")
-    version = record["v"]
-    if not isinstance(version, int) or isinstance(version, bool) or version != SCHEMA_VERSION:
+    try:
+        version, seq, rank, event, run = record["v"], record["seq"], record["rank"], record["event"], record["run"]
+        record["timestamp"]
+    except KeyError:
+        missing = [f for f in REQUIRED_FIELDS if f not in record]
+        raise RecordError("missing-field", f"record lacks {', '.join(missing)}") from None
+    if type(version) is not int or version != SCHEMA_VERSION:
         raise RecordError("unknown-version", f"schema version {version!r}; this reader knows {SCHEMA_VERSION}")
-    seq, rank = record["seq"], record["rank"]
-    if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
+    if type(seq) is not int or seq < 0:
         raise RecordError("bad-field", f"seq must be an integer >= 0, got {seq!r}")
-    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 0:
+    if type(rank) is not int or rank < 0:
         raise RecordError("bad-field", f"rank must be an integer >= 0, got {rank!r}")
-    if not isinstance(record["event"], str) or not record["event"]:
-        raise RecordError("bad-field", f"event must be a non-empty string, got {record['event']!r}")
-    if not isinstance(record["run"], str):
-        raise RecordError("bad-field", f"run must be a string, got {record['run']!r}")
+    if type(event) is not str or not event:
+        raise RecordError("bad-field", f"event must be a non-empty string, got {event!r}")
+    if type(run) is not str:
+        raise RecordError("bad-field", f"run must be a string, got {run!r}")
     metrics = record.get("metrics")
     if metrics is not None:
-        if not isinstance(metrics, dict):
+        if type(metrics) is not dict:
             raise RecordError("bad-field", f"metrics must be an object, got {type(metrics).__name__}")
-        record["metrics"] = _restore(metrics)
-    if isinstance(record.get("epoch"), str):
+        if restore:
+            record["metrics"] = _restore(metrics)
+    if restore and type(record.get("epoch")) is str:
         record["epoch"] = _restore(record["epoch"])
     return record
+
+
+def may_hold_nonfinite(data: bytes) -> bool:
+    """Whether encoded bytes could hold a non-finite float (written as "NaN", "Infinity", "-Infinity")."""
+    return b'NaN"' in data or b'Infinity"' in data
 
 
 def decode(data: bytes | bytearray | memoryview | str) -> dict:
@@ -140,7 +148,8 @@ def decode(data: bytes | bytearray | memoryview | str) -> dict:
         value = orjson.loads(data)
     except orjson.JSONDecodeError as e:
         raise RecordError("not-json", str(e)) from None
-    return validate(value)
+    raw = data.encode() if isinstance(data, str) else bytes(data)
+    return validate(value, restore=may_hold_nonfinite(raw))
 
 
 # -- frames ----------------------------------------------------------------------------------------------
