@@ -8,7 +8,7 @@ from .callbacks import EVENTS, CallbackHandler, DefaultFlowCallback, TrainerCall
 from .default_callbacks import EarlyStoppingCallback, InfoCallback, PrinterCallback, ProgressCallback
 from .state import ExportableState, TrainerControl, TrainerState
 from .bus_callback import BusCallback
-from .sink_callbacks import GradLogger, JsonLogger, TBLogger, TextgenCallback
+from .sink_callbacks import GradLogger, JsonLogger, TailLogger, TBLogger, TextgenCallback
 from .trainer import Trainer
 from .training_args import IntervalStrategy, SaveStrategy, SchedulerType, TrainingArguments
 
@@ -17,6 +17,7 @@ __all__ = [
     "GradLogger",
     "JsonLogger",
     "TBLogger",
+    "TailLogger",
     "TextgenCallback",
     "EVENTS",
     "CallbackHandler",

@@ -12,17 +12,12 @@ from typing import Any
 
 from . import _checkpoint as ckpt
 from ._utils import set_seed
-from .config import ConfigError, load_config, parse_value, peek_seed
 from .bus_callback import BusCallback
 from .callbacks import TrainerCallback
-from .sink_callbacks import JsonLogger, SinkProcess, TBLogger, TextgenCallback
-
-
-class TailHandle(SinkProcess):
-    """`--sinks tail`: a live view of the run in this terminal, from a separate process."""
-
-    kind = "tail"
+from .config import ConfigError, load_config, parse_value, peek_seed
+from .default_callbacks import PrinterCallback, ProgressCallback
 from .run_config import build_trainer, default_config_path
+from .sink_callbacks import JsonLogger, TailLogger, TBLogger, TextgenCallback
 
 logger = logging.getLogger("trainer")
 
@@ -162,8 +157,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fg-train: run {bus.run_id} publishing; follow it with `fg-bus ls`, control it with "
               f"`fg-bus ctl {bus.run_id} stop`", file=sys.stderr, flush=True)
     for kind in opts.sinks:
-        trainer.add_callback({"tb": TBLogger, "json": JsonLogger, "tail": TailHandle,
+        trainer.add_callback({"tb": TBLogger, "json": JsonLogger, "tail": TailLogger,
                               "textgen": lambda: TextgenCallback(generation_steps=opts.textgen_every)}[kind]())
+    if "tail" in opts.sinks:
+        # The tail sink prints the run in this terminal; a progress bar beside it would garble both.
+        trainer.remove_callback(ProgressCallback)
+        trainer.remove_callback(PrinterCallback)
     signals_received = _stop_on_signals(trainer, bus)
 
     resume = opts.resume

@@ -121,6 +121,12 @@ class JsonLogger(SinkProcess):
         return ["--out", self.out] if self.out else []
 
 
+class TailLogger(SinkProcess):
+    """A live view of the run in this terminal (`fg-sink tail`), from a separate process."""
+
+    kind = "tail"
+
+
 class TextgenCallback(SinkProcess):
     """The seed's TextgenCallback: every `generation_steps` steps the weights are snapshotted (the copy and
     the write happen off the training thread's critical path) and a `snapshot` record is published; an

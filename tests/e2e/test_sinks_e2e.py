@@ -144,3 +144,14 @@ def test_a_sink_killed_mid_run_and_restarted_ends_like_one_that_never_died(fg_ho
         for tag in a:
             assert [s for s, _ in b[tag]] == [s for s, _ in a[tag]], tag  # no duplicate, no hole
             assert all((x == y) or (math.isnan(x) and math.isnan(y)) for (_, x), (_, y) in zip(a[tag], b[tag]))
+
+
+def test_fg_train_with_sinks_tail_shows_the_run_in_its_own_terminal(fg_home, tmp_path):
+    proc = subprocess.run([str(BIN / "fg-train"), str(TINY), "--device", "cpu", "--output-dir", str(tmp_path / "run"),
+                           "--max-steps", "30", "--sinks", "tail,json"],
+                          capture_output=True, text=True, timeout=180, env=env(fg_home))
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("[step")]
+    assert any("loss" in line for line in lines) and lines[-1].endswith("end: completed")
+    assert "it/s" not in proc.stderr and "step/s]" not in proc.stderr  # no progress bar beside the tail
+    assert list((tmp_path / "run" / "logs").glob("*.jsonl"))
