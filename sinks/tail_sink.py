@@ -68,6 +68,8 @@ class TailSink(Sink):
             return f"{where} {'  '.join(parts)}"
         if event == "on_save":
             return f"{where} {self._paint('save', 'saved')} {record.get('checkpoint', '')}"
+        if event == "textgen" and record.get("text") is None:
+            return f"{where} {self._paint('bad', 'sample skipped')} {record.get('prompt', '')!r}: {record.get('skipped', '')}"
         if event == "textgen":
             return f"{where} {self._paint('text', 'sample')} {record.get('prompt', '')!r} -> {record.get('text', '')!r}"
         if event == "control":

@@ -142,7 +142,7 @@ class TensorBoardSink(Sink):
             values = self._scalars(record.get("metrics") or {}, lambda k: f"grad/{k}")
         elif event == "on_train_begin" and record.get("meta"):
             values = list(text_pb("run/meta", _meta_markdown(record)).value)
-        elif event == "textgen":
+        elif event == "textgen" and record.get("text") is not None:
             index = record.get("prompt_index", 0)
             text = f"**{record.get('prompt', '')}**{record.get('text', '')}"
             values = list(text_pb(f"textgen/sample_{index}", text).value)

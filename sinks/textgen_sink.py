@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 import zmq
 
-from fg_bus import registry, security
+from fg_bus import security
 from fg_bus.registry import RunInfo
 
 from .base import Sink
@@ -106,7 +106,13 @@ class TextgenSink(Sink):
         try:
             state = torch.load(record["path"], map_location=self.device, weights_only=True)
         except FileNotFoundError:
+            # Rotated away before this sink got to it (it fell behind): say so in the stream, one record per
+            # prompt, so nothing waits for samples that will not come.
             logger.warning("snapshot %s is gone (rotated away): skipped", record["path"])
+            for index, prompt in enumerate(self.prompts):
+                self._send({"op": "record", "event": "textgen", "global_step": record["global_step"],
+                            "epoch": record.get("epoch"), "prompt": prompt, "prompt_index": index, "text": None,
+                            "skipped": "the snapshot was rotated away before generation", "snapshot": record["path"]})
             return
         self.model.load_state_dict(state)
         generator = torch.Generator(device=self.device).manual_seed(self.seed + record["global_step"])
@@ -132,8 +138,8 @@ class TextgenSink(Sink):
 
     def _send(self, message: dict) -> None:
         if self._push is None:
-            print(f"[step {message['global_step']}] {message['prompt']!r} -> {message['text']!r}", file=sys.stdout,
-                  flush=True)
+            shown = repr(message["text"]) if message["text"] is not None else f"skipped ({message.get('skipped')})"
+            print(f"[step {message['global_step']}] {message['prompt']!r} -> {shown}", file=sys.stdout, flush=True)
             return
         self._push.send(orjson.dumps(message))
 

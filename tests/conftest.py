@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 
@@ -87,6 +88,17 @@ def fg_home(tmp_path_factory, monkeypatch):
     home.chmod(0o700)
     monkeypatch.setenv("FG_HOME", str(home))
     return home
+
+
+def same(a, b) -> bool:
+    """Equality where NaN equals NaN (and int/float types must agree): for records read back."""
+    if isinstance(a, float) and isinstance(b, float):
+        return (math.isnan(a) and math.isnan(b)) or a == b
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    return type(a) is type(b) and a == b
 
 
 def explain(proc) -> str:

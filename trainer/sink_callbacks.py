@@ -28,7 +28,7 @@ from .callbacks import TrainerCallback
 logger = logging.getLogger(__name__)
 
 SINK_EXIT_TIMEOUT = 120.0
-SAMPLES_TIMEOUT = 120.0
+SAMPLES_TIMEOUT = 60.0
 
 
 def _sink_command(kind: str, run_dir: str, *extra: str) -> list[str]:

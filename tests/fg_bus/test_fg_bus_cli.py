@@ -17,7 +17,7 @@ import pytest
 from fg_bus import registry
 from fg_bus.records import decode, encode
 from fg_bus.registry import RunInfo
-from conftest import dead_pid, explain
+from conftest import same, dead_pid, explain
 
 FG_BUS = os.path.join(os.path.dirname(sys.executable), "fg-bus")
 TIMEOUT = 30  # seconds per command (each takes well under one)
@@ -68,15 +68,6 @@ def run_records(run_id: str, *, end_status: str | None) -> list[dict]:
 def write_journal(info: RunInfo, recs: list[dict]) -> None:
     info.journal_path(0).write_bytes(b"".join(encode(r) + b"\n" for r in recs))
 
-
-def same(a, b) -> bool:
-    if isinstance(a, float) and isinstance(b, float):
-        return (math.isnan(a) and math.isnan(b)) or a == b
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
-    if isinstance(a, list) and isinstance(b, list):
-        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
-    return type(a) is type(b) and a == b
 
 
 def printed_records(stdout: str) -> list[dict]:

@@ -10,6 +10,7 @@ import pytest
 from fg_bus.records import decode, encode
 from fg_bus.registry import RunInfo
 from sinks.json_sink import DEFAULT_OUT, JsonSink
+from conftest import same
 
 RUN_ID = "demo-20260101-000000-abcd"
 
@@ -45,16 +46,6 @@ def a_run() -> list[dict]:
         rec(9, "end", 2, status="completed"),
     ]
 
-
-def same(a, b) -> bool:
-    """Equality where NaN equals NaN (and int/float types must agree)."""
-    if isinstance(a, float) and isinstance(b, float):
-        return (math.isnan(a) and math.isnan(b)) or a == b
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
-    if isinstance(a, list) and isinstance(b, list):
-        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
-    return type(a) is type(b) and a == b
 
 
 def read_lines(path: Path) -> list[dict]:

@@ -166,3 +166,16 @@ def test_json_with_named_events():
 def test_json_ignores_colour():
     lines = run_tail(a_run()[:4], as_json=True, colour=True)
     assert len(lines) == 4 and not any(ESC in line for line in lines)
+
+
+def test_a_skipped_sample_says_why():
+    import io
+
+    from sinks.tail_sink import TailSink
+
+    stream = io.StringIO()
+    TailSink(stream=stream, colour=False).handle(
+        {"v": 1, "run": "r", "rank": 0, "seq": 4, "timestamp": "t", "event": "textgen", "global_step": 50,
+         "epoch": 0.5, "prompt": "The ", "text": None, "skipped": "the snapshot was rotated away before generation"})
+    assert stream.getvalue() == ("[step 50 | epoch 0.5] sample skipped 'The ': "
+                                 "the snapshot was rotated away before generation\n")
