@@ -17,7 +17,6 @@ The last line printed is one JSON object with the figures.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -30,7 +29,9 @@ import torch
 import zmq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _report import emit  # noqa: E402
 from fg_bus import records  # noqa: E402
 from trainer import TrainerControl, TrainerState, TrainingArguments  # noqa: E402
 from trainer.bus_callback import BusCallback  # noqa: E402
@@ -148,10 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"ratio publish/floor (median): {figures['publish_us_median'] / figures['floor_us_median']:.2f}; "
           f"timer overhead {figures['timer_overhead_us']:.3f} us; journal {figures['journal_records']:,} records, "
           f"{figures['journal_bytes_per_record']:.0f} bytes each; close (end record, fsync) {figures['close_s']:.3f} s")
-    if opts.json:
-        opts.json.write_text(json.dumps(figures, indent=1))
-    print(json.dumps(figures))
-    return 0
+    return emit(figures, opts.json)
 
 
 if __name__ == "__main__":

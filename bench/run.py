@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import hotpath  # noqa: E402
+from _report import emit  # noqa: E402
 import tb_throughput  # noqa: E402
 
 from fg_bus import Subscriber, registry  # noqa: E402
@@ -319,10 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value}")
-    if opts.json:
-        opts.json.write_text(json.dumps(figures, indent=1))
-    print(json.dumps(figures))
-    return 0
+    return emit(figures, opts.json)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ The last line printed is one JSON object with the figures.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import sys
@@ -21,7 +20,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _report import emit  # noqa: E402
 from fg_bus.registry import RunInfo  # noqa: E402
 from sinks.tb_sink import TensorBoardSink, scalar_tag  # noqa: E402
 
@@ -95,10 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"tb sink:       {figures['tb_sink_records_per_s']:12,.0f} records/s")
     print(f"SummaryWriter: {figures['summarywriter_records_per_s']:12,.0f} records/s")
     print(f"ratio: {figures['ratio']:.2f} (median of {opts.rounds} interleaved rounds, {opts.records:,} records each)")
-    if opts.json:
-        opts.json.write_text(json.dumps(figures, indent=1))
-    print(json.dumps(figures))
-    return 0
+    return emit(figures, opts.json)
 
 
 if __name__ == "__main__":

@@ -101,6 +101,30 @@ def same(a, b) -> bool:
     return type(a) is type(b) and a == b
 
 
+T0 = 1_767_225_600.0  # 2026-01-01: the start time of hand-made runs
+
+
+def make_run(root, run_id: str, *, pid: int | None = None, status: str = "running", started: float = T0,
+             last_step: int | None = None, register: bool = True):
+    """A fake run: `<root>/fg-bus/<run_id>/run.json` (endpoints that lead nowhere), registered in $FG_HOME."""
+    import socket
+
+    from fg_bus import registry
+
+    bus_dir = root / registry.BUS_DIRNAME / run_id
+    bus_dir.mkdir(parents=True)
+    pid = os.getpid() if pid is None else pid
+    data = {"run_id": run_id, "name": run_id.split("-")[0], "pid": pid, "host": socket.gethostname(),
+            "started": started, "status": status, "world_size": 1, "last_step": last_step,
+            "ranks": {"0": {"pub": f"ipc:///nonexistent/{run_id}/pub", "replay": f"ipc:///nonexistent/{run_id}/replay",
+                            "inbox": f"ipc:///nonexistent/{run_id}/inbox", "pid": pid}}}
+    registry.write_json_atomic(bus_dir / registry.RUN_FILE, data)
+    info = registry.RunInfo(bus_dir, data)
+    if register:
+        registry.register(info)
+    return info
+
+
 def explain(proc) -> str:
     """A finished subprocess, for assertion messages."""
     return f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"

@@ -6,7 +6,6 @@ import datetime
 import json
 import math
 import os
-import socket
 import stat
 import subprocess
 import sys
@@ -17,11 +16,10 @@ import pytest
 from fg_bus import registry
 from fg_bus.records import decode, encode
 from fg_bus.registry import RunInfo
-from conftest import same, dead_pid, explain
+from conftest import T0, make_run, same, dead_pid, explain
 
 FG_BUS = os.path.join(os.path.dirname(sys.executable), "fg-bus")
 TIMEOUT = 30  # seconds per command (each takes well under one)
-T0 = 1_767_225_600.0  # 2026-01-01
 
 
 def fg_bus(fg_home: Path, *args: str, cwd=None) -> subprocess.CompletedProcess:
@@ -32,20 +30,6 @@ def fg_bus(fg_home: Path, *args: str, cwd=None) -> subprocess.CompletedProcess:
 
 
 
-
-def make_run(root: Path, run_id: str, *, pid: int | None = None, status: str = registry.RUNNING,
-             started: float = T0, last_step: int | None = None) -> RunInfo:
-    bus_dir = root / registry.BUS_DIRNAME / run_id
-    bus_dir.mkdir(parents=True)
-    pid = os.getpid() if pid is None else pid
-    data = {"run_id": run_id, "name": run_id.split("-")[0], "pid": pid, "host": socket.gethostname(),
-            "started": started, "status": status, "world_size": 1, "last_step": last_step,
-            "ranks": {"0": {"pub": f"ipc:///nonexistent/{run_id}/pub", "replay": f"ipc:///nonexistent/{run_id}/replay",
-                            "inbox": f"ipc:///nonexistent/{run_id}/inbox", "pid": pid}}}
-    registry.write_json_atomic(bus_dir / registry.RUN_FILE, data)
-    info = RunInfo(bus_dir, data)
-    registry.register(info)
-    return info
 
 
 def run_records(run_id: str, *, end_status: str | None) -> list[dict]:

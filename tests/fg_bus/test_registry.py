@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from fg_bus import registry
-from fg_bus.registry import RunInfo, RunNotFound
+from fg_bus.registry import RunNotFound
+from conftest import T0, make_run
 
-T0 = 1_767_225_600.0  # 2026-01-01
 
 
 def dead_pid() -> int:
@@ -27,22 +27,6 @@ def dead_pid() -> int:
             return pid
     raise RuntimeError("no free pid found")
 
-
-def make_run(root: Path, run_id: str, *, pid: int | None = None, status: str = registry.RUNNING,
-             started: float = T0, last_step: int | None = None, register: bool = True) -> RunInfo:
-    """A fake run: `<root>/fg-bus/<run_id>/run.json`, registered in $FG_HOME."""
-    bus_dir = root / registry.BUS_DIRNAME / run_id
-    bus_dir.mkdir(parents=True)
-    pid = os.getpid() if pid is None else pid
-    data = {"run_id": run_id, "name": run_id.split("-")[0], "pid": pid, "host": socket.gethostname(),
-            "started": started, "status": status, "world_size": 1, "last_step": last_step,
-            "ranks": {"0": {"pub": f"ipc:///nonexistent/{run_id}/pub", "replay": f"ipc:///nonexistent/{run_id}/replay",
-                            "inbox": f"ipc:///nonexistent/{run_id}/inbox", "pid": pid}}}
-    registry.write_json_atomic(bus_dir / registry.RUN_FILE, data)
-    info = RunInfo(bus_dir, data)
-    if register:
-        registry.register(info)
-    return info
 
 
 def mode(path: Path) -> int:
