@@ -13,7 +13,8 @@ measured in the same run, interleaved (A B A B ...), summarised by the median ov
   loop_ratio_raw      this Trainer with publishing off, over a plain PyTorch loop (same model, data,
                       optimizer, schedule, clipping)
   tb_sink_records_per_s, summarywriter_records_per_s   bench/tb_throughput.py
-  replay_records_per_s    a Subscriber replaying a live run's journal of N records (1M; 100k with --quick)
+  replay_records_per_s    a Subscriber replaying a live run's journal of N records (1M; 100k with --quick);
+                      parse_floor_records_per_s: bare orjson.loads of the same lines, for scale
   journal_bytes_per_record, bus_rss_mb    journal size per record; fg-train's resident memory at the end
                       of a run with the bus on minus off (VmRSS, separate processes)
 """
@@ -30,6 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import orjson
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -249,7 +251,18 @@ def replay_rate(n: int) -> dict:
     finally:
         trainer.stdin.close()
         trainer.wait(60)
-    return {"replay_records": n, "replay_records_per_s": n / elapsed, "journal_bytes_per_record": size / n}
+    return {"replay_records": n, "replay_records_per_s": n / elapsed, "journal_bytes_per_record": size / n,
+            "parse_floor_records_per_s": n / _parse_floor(journal)}
+
+
+def _parse_floor(journal: Path) -> float:
+    """Seconds for bare `orjson.loads` of every line of the journal (no sockets, no checks): the least
+    any reader that hands out records as dicts pays."""
+    t0 = time.perf_counter()
+    with open(journal, "rb") as f:
+        for line in f:
+            orjson.loads(line)
+    return time.perf_counter() - t0
 
 
 def bus_rss(steps: int) -> dict:
@@ -314,6 +327,7 @@ def main(argv: list[str] | None = None) -> int:
         ("tb sink / SummaryWriter records/s", f"{figures['tb_sink_records_per_s']:,.0f} / "
                                               f"{figures['summarywriter_records_per_s']:,.0f}"),
         (f"replay of {figures['replay_records']:,} records", f"{figures['replay_records_per_s']:,.0f} records/s"),
+        ("bare orjson.loads of the same lines", f"{figures['parse_floor_records_per_s']:,.0f} records/s"),
         ("journal bytes per record", f"{figures['journal_bytes_per_record']:.0f}"),
         ("trainer RSS, bus on - off", f"{figures['bus_rss_mb']:.1f} MB"),
     ]

@@ -7,6 +7,7 @@ without its newline (the writer was killed mid-write) is detected as torn and sk
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 from array import array
@@ -105,33 +106,42 @@ class JournalStats:
         self.malformed[reason] = self.malformed.get(reason, 0) + 1
 
 
-def split_records(chunk: bytes, stats: JournalStats | None = None) -> Iterator[dict]:
+def decode_chunk(chunk: bytes, stats: JournalStats | None = None) -> list[dict]:
     """Decode the complete lines of a chunk; malformed ones are counted in `stats` and skipped.
 
-    Fast path: the whole chunk parsed as one JSON array (one orjson call instead of one per line); if
-    any line is not a JSON value on its own, every line is parsed separately to find and skip it."""
+    Fast path: the whole chunk parsed as one JSON array (one orjson call instead of one per line), with the
+    cyclic garbage collector paused meanwhile: a chunk is thousands of fresh dicts that hold no cycles, and
+    letting the collector walk them as they are made costs about a third of the parse. If any line is not
+    a JSON value on its own, every line is parsed separately to find and skip it."""
     body = chunk.strip(b"\n")
     if not body:
-        return
+        return []
+    paused = gc.isenabled()
+    gc.disable()
     try:
-        values = orjson.loads(b"[" + body.replace(b"\n", b",") + b"]")
-    except orjson.JSONDecodeError:
-        values = None
-    if values is not None and len(values) == body.count(b"\n") + 1:
-        restore = may_hold_nonfinite(body)
-        for value in values:
-            try:
-                yield validate(value, restore)
-            except RecordError as e:
-                _skip(e, stats)
-        return
-    for line in body.split(b"\n"):
-        if not line:
-            continue
         try:
-            yield decode(line)
-        except RecordError as e:
-            _skip(e, stats)
+            values = orjson.loads(b"[" + body.replace(b"\n", b",") + b"]")
+        except orjson.JSONDecodeError:
+            values = None
+        out = []
+        if values is not None and len(values) == body.count(b"\n") + 1:
+            restore = may_hold_nonfinite(body)
+            for value in values:
+                try:
+                    out.append(validate(value, restore))
+                except RecordError as e:
+                    _skip(e, stats)
+            return out
+        for line in body.split(b"\n"):
+            if line:
+                try:
+                    out.append(decode(line))
+                except RecordError as e:
+                    _skip(e, stats)
+        return out
+    finally:
+        if paused:
+            gc.enable()
 
 
 def _skip(error: RecordError, stats: JournalStats | None) -> None:
@@ -152,7 +162,7 @@ def read_journal(path: str | os.PathLike, from_seq: int = 0, stats: JournalStats
             pending += piece
             cut = pending.rfind(b"\n") + 1
             complete, pending = pending[:cut], pending[cut:]
-            for record in split_records(complete, stats):
+            for record in decode_chunk(complete, stats):
                 if record["seq"] >= from_seq:
                     stats.records += 1
                     yield record

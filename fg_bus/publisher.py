@@ -283,8 +283,8 @@ class Publisher:
                 break
             # Wake every few ms and drain in batches rather than per record: each wake-up takes the GIL from
             # the training thread, so fewer, larger batches cost it less (live latency stays under ~5 ms).
-            busy = replays or len(self._queue) > _BATCH
-            events = dict(poller.poll(0 if busy else _POLL_MS))
+            busy = any(r.sendable for r in replays) or len(self._queue) > _BATCH
+            events = dict(poller.poll(0 if busy else (1 if replays else _POLL_MS)))
             if router in events:
                 self._take_replay_requests(router, journal, pub, replays)
             if pull in events:
@@ -475,17 +475,21 @@ class _Replay:
         self.chunks = chunks
         self.end_seq = end_seq
         self.pending: bytes | None = None
+        self.sendable = True  # False while the client's queue is full: the loop then waits, not spins
 
     def pump(self, router) -> bool:
         """Send what the client will take now; False when this replay is over (done, or client gone)."""
+        self.sendable = True
         for _ in range(16):
             if self.pending is None:
                 self.pending = next(self.chunks, None)
             if self.pending is None:
                 result = _send_reply(router, self.identity, b"done", orjson.dumps({"next_seq": self.end_seq}))
+                self.sendable = False
                 return result == "full"
             result = _send_reply(router, self.identity, b"chunk", self.pending)
             if result != "sent":
+                self.sendable = False
                 return result == "full"
             self.pending = None
         return True

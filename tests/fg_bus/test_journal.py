@@ -9,7 +9,7 @@ import stat
 import pytest
 
 from fg_bus import journal
-from fg_bus.journal import JournalStats, JournalWriter, read_journal, split_records
+from fg_bus.journal import JournalStats, JournalWriter, read_journal, decode_chunk
 from fg_bus.records import decode, encode
 
 RUN = "run-20260101-000000-abcd"
@@ -97,7 +97,7 @@ def test_read_chunks_returns_exactly_the_requested_lines(tmp_path, monkeypatch, 
                     assert chunk and chunk.endswith(b"\n"), (a, b)
                     # a chunk is at most CHUNK_BYTES, unless it is one record longer than that
                     assert len(chunk) <= chunk_bytes or chunk.count(b"\n") == 1, (a, b, len(chunk))
-                decoded = [r for chunk in chunks for r in split_records(chunk)]
+                decoded = [r for chunk in chunks for r in decode_chunk(chunk)]
                 assert [r["seq"] for r in decoded] == list(range(a, b))
                 if b == a:
                     assert chunks == []

@@ -69,6 +69,37 @@ def test_from_now_skips_history(publisher):
     assert got[-1]["event"] == "end"
 
 
+def test_a_long_replay_with_an_event_filter_delivers_only_those_events_in_order(publisher):
+    for i in range(20_000):  # about 4 MB of journal: many replay chunks, each delivered whole
+        publisher.publish("on_log" if i % 10 == 0 else "on_step_end", i, metrics={"loss": float(i)})
+    sub = Subscriber(publisher.run_id, from_seq=0, events={"on_log"}, dead_after=10)
+    got = []
+    while len(got) < 2000:
+        got += sub.poll(2.0)
+    publisher.publish("on_log", 20_000)
+    publisher.close()
+    got += drain(sub)
+    assert [r["global_step"] for r in got[:-1]] == list(range(0, 20_001, 10))
+    assert {r["event"] for r in got[:-1]} == {"on_log"} and got[-1]["event"] == "end"
+    assert sub.stats.replayed >= 20_000 and sub.status == "completed"
+
+
+def test_a_replayed_chunk_holding_the_end_record_ends_the_stream_there(publisher):
+    publisher.publish("on_log", 0)
+    sub = Subscriber(publisher.run_id, from_seq=0, dead_after=10)
+    got = []
+    while not got:
+        got += sub.poll(2.0)
+    base = {"v": 1, "run": publisher.run_id, "rank": 0, "timestamp": "t", "metrics": {}}
+    chunk = [{**base, "seq": 1, "event": "on_log"}, {**base, "seq": 2, "event": "end", "status": "interrupted"},
+             {**base, "seq": 3, "event": "on_log"}]
+    out = []
+    assert sub._deliver_run(chunk, out)
+    assert seqs(out) == [1, 2] and sub.status == "interrupted" and sub.finished
+    assert not sub._deliver_run([{**base, "seq": 9, "event": "on_log"}], [])  # not the next seq: record by record
+    sub.close()
+
+
 @pytest.mark.parametrize("trainer_ends_first", [False, True])
 def test_records_dropped_live_are_repaired_from_the_journal(publisher, monkeypatch, trainer_ends_first):
     """Simulate a subscriber over its high-water mark: PUB loses seq 20..39; the journal has them. The
