@@ -1,10 +1,10 @@
 """The publishing side: a cheap, never-blocking `publish()` for the training thread, and a bus thread that
 owns every socket and the journal.
 
-Training thread: build the record, take the next seq, encode (orjson), append to a deque. No socket, no
-file, no wait; the lock it takes is held by the bus thread only for the same few instructions.
+Training thread: build the record, take the next seq, append it to a deque. No encoding, no socket, no
+file, no wait; the lock it takes is held by other publishing threads only for the same few instructions.
 
-Bus thread, in a loop: move queued records into the journal (append-only) and out on PUB; answer replay
+Bus thread, in a loop: encode queued records (orjson), write them into the journal (append-only) and out on PUB; answer replay
 requests on ROUTER by streaming journal chunks; take control commands and sink results from the PULL inbox;
 publish a heartbeat (carrying the next seq, so subscribers notice a missed tail) every second; flush the
 journal every 100 ms. On close: the `end` record, fsync, run.json status, sockets closed with a bounded
@@ -16,11 +16,11 @@ from __future__ import annotations
 import atexit
 import collections
 import logging
-import math
 import os
 import socket
 import threading
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
@@ -69,6 +69,7 @@ class Publisher:
         self.journal_error: str | None = None
         self.info: registry.RunInfo | None = None
         self.received: collections.Counter = collections.Counter()  # records sinks sent in, by event
+        self._encode_errors: set[str] = set()
 
     # -- lifecycle ---------------------------------------------------------------------------------------
 
@@ -112,40 +113,32 @@ class Publisher:
                 metrics: dict | None = None, **extra: Any) -> int:
         """Hand one record to the bus; returns its seq (-1 once closed). Never blocks on I/O.
 
-        Raises `records.EncodeError` (naming the key) for a value that cannot be encoded; nothing is sent then.
-        """
-        record = {"v": records.SCHEMA_VERSION, "run": self.run_id, "rank": self.rank, "seq": 0,
-                  "timestamp": records.now(), "event": event, "global_step": global_step, "epoch": epoch,
-                  "metrics": metrics if metrics is not None else {}}
-        # Nothing but ints, a float epoch and strings: no NaN can hide as null, so skip looking for one.
-        plain = not metrics and not extra and type(global_step) is int and type(epoch) in (int, float) \
-            and math.isfinite(epoch)
-        if extra:
-            record.update(extra)
+        The bus thread builds and encodes the record a few milliseconds later, so `metrics` is copied (one
+        level) here; do not change the values inside it afterwards. A value that cannot be encoded is
+        logged, and the record goes out at its seq with empty metrics and an `error` naming the key."""
+        fields = (time.time(), event, global_step, epoch, dict(metrics) if metrics else None, extra)
         with self._lock:
             if self._closed:
                 return -1
-            seq = record["seq"] = self._seq
-            data = records.encode(record, plain)
+            seq = self._seq
             self._seq = seq + 1
-            self._queue.append((event, data))
+            self._queue.append((_always_ready, seq, fields))
         if global_step is not None:
             self.last_step = global_step
         return seq
 
     def publish_when_ready(self, ready: Callable[[], bool], event: str, global_step: int | None = None,
                            epoch: float | None = None, metrics: dict | None = None, **extra: Any) -> int:
-        """Like publish(), but the bus thread encodes the record once `ready()` is true: for values still
-        being copied off the device (a CUDA event's `query`). The seq, and so the order, is fixed now."""
-        record = {"v": records.SCHEMA_VERSION, "run": self.run_id, "rank": self.rank, "seq": 0,
-                  "timestamp": records.now(), "event": event, "global_step": global_step, "epoch": epoch,
-                  "metrics": metrics if metrics is not None else {}, **extra}
+        """Like publish() without the copy of `metrics`, and the bus thread encodes the record only once
+        `ready()` is true: for values still being copied off the device (a CUDA event's `query`). The seq,
+        and so the order, is fixed now; the timestamp too."""
+        fields = (time.time(), event, global_step, epoch, metrics, extra)
         with self._lock:
             if self._closed:
                 return -1
-            seq = record["seq"] = self._seq
+            seq = self._seq
             self._seq = seq + 1
-            self._queue.append((ready, record))
+            self._queue.append((ready, seq, fields))
         if global_step is not None:
             self.last_step = global_step
         return seq
@@ -308,18 +301,18 @@ class Publisher:
                 self._queue.popleft()
                 self._flush(journal, durable=True)
                 continue
-            head, payload = item
-            if callable(head):  # deferred: its values are still being copied off the device
-                if not head():
+            if len(item) == 3:  # from publish(): encoded here, once its values are ready
+                ready, seq, fields = item
+                if not ready():
                     if not self._stop.is_set():
                         break  # look again on the next loop; records behind it wait, keeping seq order
-                    _wait_until(head, timeout=5.0)
-                event, data = payload["event"], self._encode_deferred(payload)
-                release = getattr(head, "release", None)
+                    _wait_until(ready, timeout=5.0)
+                event, data = fields[1], self._encode_queued(seq, fields)
+                release = getattr(ready, "release", None)
                 if release is not None:
                     release()  # the values are encoded: their buffers may be reused
             else:
-                event, data = head, payload
+                event, data = item
             self._queue.popleft()
             self._journal_append(journal, data)
             batch.append((event, data))
@@ -345,11 +338,20 @@ class Publisher:
             self.journal_error = f"{type(e).__name__}: {e}"
             logger.error("journal %s: write failed (%s); records continue live only", journal.path, e)
 
-    def _encode_deferred(self, record: dict) -> bytes:
+    def _encode_queued(self, seq: int, fields: tuple) -> bytes:
+        timestamp, event, global_step, epoch, metrics, extra = fields
+        record = {"v": records.SCHEMA_VERSION, "run": self.run_id, "rank": self.rank, "seq": seq,
+                  "timestamp": datetime.fromtimestamp(timestamp, timezone.utc), "event": event,
+                  "global_step": global_step, "epoch": epoch, "metrics": metrics if metrics is not None else {}}
+        if extra:
+            record.update(extra)
         try:
             return records.encode(record)
         except records.EncodeError as e:
-            logger.error("record %s seq %d could not be encoded: %s", record["event"], record["seq"], e)
+            if str(e) not in self._encode_errors:  # once per distinct error, not once per step
+                self._encode_errors.add(str(e))
+                logger.error("record %s seq %d could not be encoded (published without its metrics): %s",
+                             event, seq, e)
             keep = {k: record[k] for k in ("v", "run", "rank", "seq", "timestamp", "event", "global_step", "epoch")}
             return records.encode({**keep, "metrics": {}, "error": str(e)})
 
@@ -443,6 +445,10 @@ class Publisher:
             self.received[event] += 1
         else:
             self._publish_from_bus(records.CONTROL, {"accepted": False, "reason": f"unknown op {str(op)[:40]!r}"})
+
+
+def _always_ready() -> bool:
+    return True
 
 
 def _wait_until(ready: Callable[[], bool], timeout: float) -> None:

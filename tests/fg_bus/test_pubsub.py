@@ -231,3 +231,23 @@ def test_malformed_frames_are_counted_and_survived(fg_home, tmp_path):
     pub.close(linger=0)
     router.close(linger=0)
     ctx.term()
+
+
+def test_a_value_that_cannot_be_encoded_is_published_as_an_error_at_its_seq(publisher, caplog):
+    class Opaque:
+        pass
+
+    metrics = {"loss": 1.5}
+    publisher.publish("on_log", 1, 0.1, metrics=metrics)
+    metrics["loss"] = 99.0  # the record was handed over: later changes to the caller's dict do not reach it
+    for step in (2, 3):
+        publisher.publish("on_log", step, 0.2, metrics={"weights": Opaque()})
+    publisher.publish("on_log", 4, 0.3, metrics={"loss": 1.25})
+    publisher.close()
+    got = drain(Subscriber(publisher.run_id, from_seq=0, dead_after=10))
+    assert seqs(got) == list(range(5)) and got[-1]["event"] == "end"
+    assert got[0]["metrics"] == {"loss": 1.5}
+    assert [r["metrics"] for r in got[1:3]] == [{}, {}]
+    assert all("metrics.weights" in r["error"] and "Opaque" in r["error"] for r in got[1:3])
+    assert got[3]["metrics"] == {"loss": 1.25} and "error" not in got[3]
+    assert len([m for m in caplog.messages if "could not be encoded" in m]) == 1  # logged once, not per step
