@@ -7,6 +7,7 @@ RNG states are stored as tensors and lists, never pickled objects.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -25,6 +26,7 @@ WEIGHTS_NAME = "pytorch_model.bin"
 OPTIMIZER_NAME = "optimizer.pt"
 SCHEDULER_NAME = "scheduler.pt"
 RNG_STATE_NAME = "rng_state.pth"
+DATA_POSITION_NAME = "data_position.json"  # ours: lets a run resume at another world size
 _CHECKPOINT_RE = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 
 
@@ -88,10 +90,18 @@ def set_rng_state(state: dict) -> None:
             logger.warning("could not restore the CUDA RNG state (a different number of GPUs?); results may differ")
 
 
+def rng_file(rank: int = 0, world_size: int = 1) -> str:
+    """transformers' names: `rng_state.pth` for one process, `rng_state_<rank>.pth` for each of several."""
+    return RNG_STATE_NAME if world_size <= 1 else f"rng_state_{rank}.pth"
+
+
 def save_training_state(directory: Path, optimizer, lr_scheduler) -> None:
     torch.save(optimizer.state_dict(), directory / OPTIMIZER_NAME)
     torch.save(lr_scheduler.state_dict(), directory / SCHEDULER_NAME)
-    torch.save(rng_state(), directory / RNG_STATE_NAME)
+
+
+def save_rng_state(directory: Path, rank: int = 0, world_size: int = 1) -> None:
+    torch.save(rng_state(), directory / rng_file(rank, world_size))
 
 
 def load_training_state(directory: Path, optimizer, lr_scheduler) -> None:
@@ -101,13 +111,24 @@ def load_training_state(directory: Path, optimizer, lr_scheduler) -> None:
         lr_scheduler.load_state_dict(torch.load(directory / SCHEDULER_NAME, weights_only=True))
 
 
-def load_rng_state(directory: Path) -> None:
-    path = directory / RNG_STATE_NAME
+def load_rng_state(directory: Path, rank: int = 0, world_size: int = 1) -> None:
+    path = directory / rng_file(rank, world_size)
     if path.exists():
         set_rng_state(torch.load(path, weights_only=True))
     else:
-        logger.warning("%s has no %s: random numbers after the resume will differ from the original run",
-                       directory, RNG_STATE_NAME)
+        logger.warning("%s has no %s (saved at another world size?): random numbers after the resume will "
+                       "differ from the original run", directory, path.name)
+
+
+def save_data_position(directory: Path, epoch: int, samples_seen: int, world_size: int) -> None:
+    """Where the data order stood: the epoch, and examples of it seen by all ranks together."""
+    (directory / DATA_POSITION_NAME).write_text(json.dumps(
+        {"epoch": epoch, "samples_seen_in_epoch": samples_seen, "world_size": world_size}), encoding="utf-8")
+
+
+def load_data_position(directory: Path) -> dict | None:
+    path = directory / DATA_POSITION_NAME
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
 
 
 def sorted_checkpoints(output_dir: str | os.PathLike) -> list[Path]:

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from . import _checkpoint as ckpt
+from . import distributed
 from ._utils import set_seed
 from .bus_callback import BusCallback
 from .callbacks import TrainerCallback
@@ -27,6 +30,8 @@ examples:
   fg-train --max-steps 100 --device cpu     a shorter run
   fg-train examples/custom_callbacks.yaml --var run_name=trial-1
   fg-train --output-dir runs/a --resume     continue from the newest checkpoint in runs/a
+  fg-train --nproc-per-node 2 --device cpu  two ranks with DistributedDataParallel (torchrun, gloo)
+  torchrun --nproc-per-node 4 -m trainer --output-dir runs/b     the same, launched by torchrun yourself
 """
 
 
@@ -70,6 +75,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--var", type=_variable, action="append", default=[], metavar="NAME=VALUE",
                    help="a value for `!var NAME` in the config (repeatable; VALUE is read as YAML)")
     p.add_argument("--no-progress", action="store_true", help="print log lines instead of a progress bar")
+    p.add_argument("--nproc-per-node", type=_positive_int, metavar="N",
+                   help="train on N processes of this machine with DistributedDataParallel: relaunches this command "
+                        "under torchrun --standalone (gloo on the CPU, nccl on GPUs); for several machines run "
+                        "torchrun -m trainer yourself (see the README)")
     bus = p.add_argument_group("event bus")
     bus.add_argument("--no-bus", action="store_true", help="do not publish events (no journal, nothing to follow)")
     bus.add_argument("--sinks", type=_sink_list, default=[], metavar="LIST",
@@ -112,8 +121,13 @@ def _device_overrides(device: str, config_args: Any) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     opts = parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if opts.nproc_per_node is not None and "LOCAL_RANK" not in os.environ:
+        return _launch_torchrun(opts, argv)
+    rank = int(os.environ.get("RANK", 0))
     config_path = opts.config or default_config_path()
     # Seed before the config builds the model, so its initial weights are the same on every run.
     seed = opts.seed if opts.seed is not None else peek_seed(config_path)
@@ -134,6 +148,10 @@ def main(argv: list[str] | None = None) -> int:
     if opts.output_dir is not None:
         overrides["output_dir"] = str(opts.output_dir)
     elif not (isinstance(raw_args, dict) and raw_args.get("output_dir")):
+        if world_size > 1:
+            print("fg-train: error: under torchrun every rank must write to one output directory: pass "
+                  "--output-dir (fg-train --nproc-per-node does this for you)", file=sys.stderr)
+            return 2
         name = "chargpt" if opts.config is None else opts.config.stem
         overrides["output_dir"] = str(Path("fg-runs", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"))
     output_dir = overrides.get("output_dir") or (raw_args.get("output_dir") if isinstance(raw_args, dict) else None)
@@ -153,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as e:  # the bus could not start (a port in use, ...)
         print(f"fg-train: error: {e}", file=sys.stderr)
         return 1
-    if bus is not None:
+    if bus is not None and rank == 0:
         print(f"fg-train: run {bus.run_id} publishing; follow it with `fg-bus ls`, control it with "
               f"`fg-bus ctl {bus.run_id} stop`", file=sys.stderr, flush=True)
     for kind in opts.sinks:
@@ -176,13 +194,47 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fg-train: error: {e}", file=sys.stderr)
         return 2
     out_dir = trainer.save_model()
-    trainer.state.save_to_json(str(out_dir / ckpt.TRAINER_STATE_NAME))
-    _print_summary(trainer, result, out_dir)
+    distributed.teardown()
+    if rank == 0:
+        trainer.state.save_to_json(str(out_dir / ckpt.TRAINER_STATE_NAME))
+        _print_summary(trainer, result, out_dir)
     if signals_received:
         print(f"fg-train: stopped by {signals_received[0]} at step {trainer.state.global_step}; continue with:\n"
               f"  {_resume_command(opts, trainer)}", file=sys.stderr)
         return 128 + getattr(signal, signals_received[0])
     return 0
+
+
+def _launch_torchrun(opts, argv: list[str]) -> int:
+    """Run this same command as N processes under torchrun (standalone: one machine), with one output
+    directory fixed here for all of them. Returns torchrun's exit status."""
+    args = _without_option(argv, "--nproc-per-node")
+    if opts.output_dir is None:
+        name = "chargpt" if opts.config is None else opts.config.stem
+        args += ["--output-dir", str(Path("fg-runs", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"))]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc-per-node={opts.nproc_per_node}", "-m", "trainer", *args]
+    print(f"fg-train: launching {opts.nproc_per_node} ranks: torchrun --standalone "
+          f"--nproc-per-node={opts.nproc_per_node} -m trainer {' '.join(args)}", file=sys.stderr, flush=True)
+    # torchrun forwards SIGINT/SIGTERM to the ranks, which stop at a step boundary; wait for it to finish.
+    proc = subprocess.Popen(command)
+    while True:
+        try:
+            return proc.wait()
+        except KeyboardInterrupt:
+            continue  # the ranks got the signal too (same process group); keep waiting for their exit
+
+
+def _without_option(argv: list[str], name: str) -> list[str]:
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == name:
+            skip = True
+        elif not arg.startswith(name + "="):
+            out.append(arg)
+    return out
 
 
 def _resume_command(opts, trainer) -> str:

@@ -165,12 +165,20 @@ class EpochSampler(torch.utils.data.Sampler):
 
     Resuming from a checkpoint sets the epoch and the number of examples already seen, so the resumed run
     sees exactly the batches the uninterrupted run would have, without loading the skipped ones.
+
+    With several ranks, every rank draws the same order and takes every `world_size`-th example of what is
+    left after `start` (examples seen by all ranks together), cut so that every rank gets as many: a run
+    resumed at another world size continues the same epoch order where the old one stopped.
     """
 
-    def __init__(self, length: int, seed: int, shuffle: bool = True):
+    def __init__(self, length: int, seed: int, shuffle: bool = True, rank: int = 0, world_size: int = 1):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
         self.length = length
         self.seed = seed
         self.shuffle = shuffle
+        self.rank = rank
+        self.world_size = world_size
         self.epoch = 0
         self.start = 0
 
@@ -179,7 +187,7 @@ class EpochSampler(torch.utils.data.Sampler):
         self.start = start
 
     def __len__(self) -> int:
-        return self.length - self.start
+        return max(self.length - self.start, 0) // self.world_size
 
     def __iter__(self):
         if self.shuffle:
@@ -188,4 +196,5 @@ class EpochSampler(torch.utils.data.Sampler):
             order = torch.randperm(self.length, generator=g)
         else:
             order = torch.arange(self.length)
-        return iter(order[self.start:].tolist())
+        mine = order[self.start:][self.rank::self.world_size][:len(self)]
+        return iter(mine.tolist())

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from . import _checkpoint as ckpt
+from . import distributed
 from ._optim import create_optimizer, create_scheduler
 from ._utils import (EvalLoopOutput, PredictionOutput, TrainOutput, batch_size_of, logits_from_outputs,
                      loss_from_outputs, nested_concat, set_seed, speed_metrics, to_device)
@@ -46,8 +47,17 @@ class Trainer:
         if self.args.eval_strategy != IntervalStrategy.NO and eval_dataset is None:
             raise ValueError(f"eval_strategy={self.args.eval_strategy.value!r} needs an eval_dataset; pass one, or "
                              "set eval_strategy='no'")
+        # Under torchrun: join the process group before anything reads the rank (state, callbacks, data).
+        self.distributed = distributed.setup(self.args)
         set_seed(self.args.seed)
         self.model = model.to(self.args.device)
+        # What the training step runs: the model itself, or its DistributedDataParallel wrapper. Callbacks,
+        # evaluation and checkpoints see `self.model`, as in transformers.
+        self.model_wrapped = self.model
+        if self.distributed:
+            device = self.args.device
+            self.model_wrapped = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[device.index] if device.type == "cuda" else None)
         self.data_collator = data_collator if data_collator is not None else default_data_collator
         self.train_dataset = train_dataset
         self.eval_dataset = eval_dataset
@@ -71,6 +81,7 @@ class Trainer:
         # The last optimizer step's loss and gradient norm, still on the device (read by publishers).
         self.step_loss: torch.Tensor | None = None
         self.step_grad_norm: torch.Tensor | None = None
+        self._data_position = (0, 0)  # (epoch, examples of it seen by all ranks): saved with checkpoints
         self.control = self.callback_handler.on_init_end(self.args, self.state, self.control)
 
     # -- callbacks --------------------------------------------------------------------------------------
@@ -97,7 +108,8 @@ class Trainer:
             raise ValueError("Trainer.train() needs a train_dataset")
         sampler = None
         if not isinstance(self.train_dataset, torch.utils.data.IterableDataset):
-            sampler = EpochSampler(len(self.train_dataset), seed=self.args.seed)
+            sampler = EpochSampler(len(self.train_dataset), seed=self.args.seed, rank=self.args.process_index,
+                                   world_size=self.args.world_size)
         return self._dataloader(self.train_dataset, self.args.per_device_train_batch_size, sampler,
                                 drop_last=self.args.dataloader_drop_last)
 
@@ -154,7 +166,7 @@ class Trainer:
             batches_per_epoch = max_steps * gas
             num_train_samples = max_steps * args.train_batch_size * gas
 
-        epochs_trained, batches_to_skip = self._init_state(max_steps, num_train_epochs, updates_per_epoch, checkpoint)
+        epochs_trained, samples_to_skip = self._init_state(max_steps, num_train_epochs, updates_per_epoch, checkpoint)
         if self.optimizer is None:
             self.optimizer = create_optimizer(self.model, args)
         if self.lr_scheduler is None:
@@ -178,7 +190,7 @@ class Trainer:
             self.control = self.callback_handler.on_epoch_begin(args, self.state, self.control)
             resuming_here = checkpoint is not None and epoch == epochs_trained
             self._run_epoch(train_dataloader, epoch, batches_per_epoch, updates_per_epoch, start_time,
-                            skip=batches_to_skip if resuming_here else 0,
+                            skip_samples=samples_to_skip if resuming_here else 0,
                             rng_checkpoint=checkpoint if resuming_here else None)
             if self.control.should_training_stop:
                 break
@@ -204,24 +216,31 @@ class Trainer:
 
     def _init_state(self, max_steps: int, num_train_epochs: int, updates_per_epoch: int,
                     checkpoint: Path | None) -> tuple[int, int]:
-        """A fresh TrainerState, or the checkpoint's. Returns (epochs done, batches to skip in the next)."""
+        """A fresh TrainerState, or the checkpoint's. Returns (epochs done, examples of the next one already
+        seen by all ranks together)."""
         self.state = TrainerState(stateful_callbacks=self._stateful_callbacks())
         self.state.train_batch_size = self.args.train_batch_size
         self.state.compute_steps(self.args, max_steps)
-        epochs_trained = batches_to_skip = 0
+        epochs_trained = samples_to_skip = 0
         if checkpoint is not None:
             self.state = TrainerState.load_from_json(str(checkpoint / ckpt.TRAINER_STATE_NAME))
             if self.state.best_model_checkpoint and not os.path.isdir(self.state.best_model_checkpoint):
                 self.state.best_model_checkpoint = None
             self._load_callback_state()
-            epochs_trained = self.state.global_step // updates_per_epoch
-            if not self.args.ignore_data_skip:
-                batches_to_skip = (self.state.global_step % updates_per_epoch) * self.args.gradient_accumulation_steps
+            position = ckpt.load_data_position(checkpoint)
+            if position is not None:  # exact, and valid at any world size
+                epochs_trained, samples_to_skip = position["epoch"], position["samples_seen_in_epoch"]
+            else:  # a checkpoint written by transformers: same world size assumed
+                epochs_trained = self.state.global_step // updates_per_epoch
+                samples_to_skip = ((self.state.global_step % updates_per_epoch) * self.args.gradient_accumulation_steps
+                                   * self.args.per_device_train_batch_size * self.args.world_size)
+            if self.args.ignore_data_skip:
+                samples_to_skip = 0
         self.state.max_steps = max_steps
         self.state.num_train_epochs = num_train_epochs
         self.state.is_local_process_zero = self.is_local_process_zero()
         self.state.is_world_process_zero = self.is_world_process_zero()
-        return epochs_trained, batches_to_skip
+        return epochs_trained, samples_to_skip
 
     def _load_callback_state(self) -> None:
         """Rebuild ExportableState callbacks (and the control) from the checkpoint, when asked to."""
@@ -244,19 +263,22 @@ class Trainer:
                     self.callback_handler.callbacks[index] = restored
 
     def _run_epoch(self, dataloader, epoch: int, batches_per_epoch: int, updates_per_epoch: int,
-                   start_time: float, skip: int, rng_checkpoint: Path | None) -> None:
+                   start_time: float, skip_samples: int, rng_checkpoint: Path | None) -> None:
         args, gas = self.args, self.args.gradient_accumulation_steps
+        global_batch = args.per_device_train_batch_size * args.world_size  # examples per micro-batch, all ranks
+        skip = skip_samples // global_batch  # micro-batches of this epoch already done (at this world size)
         sampler = dataloader.sampler
         if isinstance(sampler, EpochSampler):
-            sampler.set_epoch(epoch, start=skip * args.per_device_train_batch_size)
+            sampler.set_epoch(epoch, start=skip_samples)
         elif skip:
             logger.warning("cannot skip %d batches of a dataset without a length; the resumed run sees other data", skip)
         iterator = iter(dataloader)
         if rng_checkpoint is not None:
             # After the iterator exists: the resumed run draws random numbers from here on exactly as the
             # original run did after its checkpoint.
-            ckpt.load_rng_state(rng_checkpoint)
+            ckpt.load_rng_state(rng_checkpoint, args.process_index, args.world_size)
         step = skip - 1  # index of the last micro-batch done in this epoch
+        self._data_position = (epoch, skip_samples)
         remainder = batches_per_epoch % gas or gas
         grad_norm = learning_rate = None
 
@@ -270,7 +292,10 @@ class Trainer:
                 step += 1
                 if step % gas == 0:
                     self.control = self.callback_handler.on_step_begin(args, self.state, self.control)
-                loss = self.training_step(self.model, inputs)
+                last = i == len(batches) - 1
+                with self._no_sync(not last):  # DDP: gradients are all-reduced once, on the last micro-batch
+                    loss = self.training_step(self.model_wrapped, inputs)
+                self._data_position = (epoch, skip_samples + (step + 1 - skip) * global_batch)
                 self.step_loss = loss if i == 0 else self.step_loss + loss
                 self._accumulate_loss(loss)
 
@@ -288,6 +313,7 @@ class Trainer:
                     self.state.global_step += 1
                     self.state.epoch = epoch + (step + 1) / batches_per_epoch
                     self.control = self.callback_handler.on_step_end(args, self.state, self.control)
+                    distributed.agree_on_control(self.control)  # a stop raised on any rank stops all, here
                     self._maybe_log_save_evaluate(grad_norm, start_time, learning_rate)
                 if self.control.should_epoch_stop or self.control.should_training_stop:
                     break
@@ -298,7 +324,13 @@ class Trainer:
             logger.warning("epoch %d had no batch; stopping training at step %d", epoch, self.state.global_step)
             self.control.should_training_stop = True
         self.control = self.callback_handler.on_epoch_end(args, self.state, self.control)
+        distributed.agree_on_control(self.control)
         self._maybe_log_save_evaluate(grad_norm, start_time, learning_rate)
+
+    def _no_sync(self, skip_sync: bool):
+        if skip_sync and self.distributed:
+            return self.model_wrapped.no_sync()
+        return contextlib.nullcontext()
 
     def _accumulate_loss(self, loss: torch.Tensor) -> None:
         if self.args.logging_nan_inf_filter:
@@ -351,6 +383,8 @@ class Trainer:
     def _maybe_log_save_evaluate(self, grad_norm, start_time: float, learning_rate: float | None) -> None:
         if self.control.should_log and self.state.global_step > self._globalstep_last_logged:
             values = self._tr_loss if grad_norm is None else torch.stack([self._tr_loss, grad_norm.float()])
+            # The mean over ranks (logging steps only; the grad norm is the same on every rank after DDP).
+            values = distributed.mean_over_ranks(values)  # in place: _tr_loss is zeroed just below anyway
             # Sync point (logging step only): loss and grad norm come to the host in one transfer.
             values = values.tolist()
             tr_loss_scalar = values[0] if grad_norm is not None else values
@@ -368,6 +402,7 @@ class Trainer:
             is_new_best = self._determine_best_metric(metrics)
             if self.args.save_strategy == SaveStrategy.BEST:
                 self.control.should_save = is_new_best
+            distributed.agree_on_control(self.control)  # on_evaluate callbacks (early stopping) may have voted
 
         if self.control.should_save:
             self._save_checkpoint()
@@ -405,29 +440,40 @@ class Trainer:
     # -- checkpoints ------------------------------------------------------------------------------------
 
     def _save_checkpoint(self) -> Path:
+        """Rank 0 writes the checkpoint under a temporary name, every rank adds its RNG state, and rank 0
+        renames it when complete: a crash mid-save never leaves a half-written checkpoint for
+        `resume_from_checkpoint=True` to pick up."""
         args = self.args
         folder = Path(args.output_dir, f"{ckpt.PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-        if not args.should_save:
-            return folder
-        # Written under a temporary name and renamed when complete: a crash mid-save never leaves a
-        # half-written checkpoint for `resume_from_checkpoint=True` to pick up.
         tmp = folder.with_name(folder.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        ckpt.save_model_weights(self.model, tmp, self.processing_class)
         if args.save_strategy in (SaveStrategy.STEPS, SaveStrategy.EPOCH, SaveStrategy.BEST) and \
                 self.state.best_global_step:
             best = Path(args.output_dir, f"{ckpt.PREFIX_CHECKPOINT_DIR}-{self.state.best_global_step}")
             if best.exists() or best == folder:
                 self.state.best_model_checkpoint = str(best)
+        if args.should_save:
+            self._write_checkpoint(tmp)
+        distributed.barrier()
+        if not args.save_only_model:
+            ckpt.save_rng_state(tmp, args.process_index, args.world_size)
+        distributed.barrier()
+        if args.should_save:
+            shutil.rmtree(folder, ignore_errors=True)
+            os.replace(tmp, folder)
+            ckpt.rotate_checkpoints(args.output_dir, args.save_total_limit, self.state.best_model_checkpoint)
+        distributed.barrier()
+        return folder
+
+    def _write_checkpoint(self, tmp: Path) -> None:
+        args = self.args
+        shutil.rmtree(tmp, ignore_errors=True)
+        ckpt.save_model_weights(self.model, tmp, self.processing_class)
         if not args.save_only_model:
             ckpt.save_training_state(tmp, self.optimizer, self.lr_scheduler)
+            ckpt.save_data_position(tmp, *self._data_position, args.world_size)
         self.state.stateful_callbacks = TrainerState.export_callback_states(self._stateful_callbacks())
         self.state.save_to_json(str(tmp / ckpt.TRAINER_STATE_NAME))
         (tmp / "training_args.json").write_text(args.to_json_string(), encoding="utf-8")
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(tmp, folder)
-        ckpt.rotate_checkpoints(args.output_dir, args.save_total_limit, self.state.best_model_checkpoint)
-        return folder
 
     def save_model(self, output_dir: str | None = None) -> Path:
         """Save the model (and the processing class) to `output_dir` (default: args.output_dir)."""
