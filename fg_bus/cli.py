@@ -42,10 +42,14 @@ def parser() -> argparse.ArgumentParser:
     cat.add_argument("--events", help="comma-separated event names to print")
     cat.add_argument("--wait", type=float, default=None, metavar="S",
                      help="with `latest`: seconds to wait for a run to start (default: forever)")
+    cat.add_argument("--rank", type=int, default=0, metavar="N", help="which rank's stream of a torchrun job "
+                                                                       "(default 0)")
     ctl = sub.add_parser("ctl", help="ask a running job to stop / save / evaluate at its next step boundary")
     ctl.add_argument("run")
     ctl.add_argument("cmd", choices=CONTROL_COMMANDS)
     ctl.add_argument("--timeout", type=float, default=10.0, metavar="S", help="wait this long for the trainer")
+    ctl.add_argument("--rank", type=int, default=0, metavar="N",
+                     help="send it to this rank of a torchrun job (default 0); every rank applies it at the same step")
     keys = sub.add_parser("keys", help="make CURVE keypairs for tcp buses")
     keys.add_argument("--force", action="store_true", help="replace existing keys")
     return p
@@ -89,7 +93,7 @@ def cmd_ls(opts) -> int:
 def cmd_cat(opts) -> int:
     from_seq = opts.from_seq
     events = opts.events.split(",") if opts.events else None
-    sub = Subscriber(opts.run, from_seq=from_seq, events=events, wait=opts.wait)
+    sub = Subscriber(opts.run, from_seq=from_seq, events=events, wait=opts.wait, rank=opts.rank)
     out = sys.stdout.buffer
     try:
         for record in sub:
@@ -106,9 +110,10 @@ def cmd_ctl(opts) -> int:
     info = registry.resolve(opts.run)
     if info is None:
         return _fail("no live run (`fg-bus ls` lists the runs)")
+    info = info.for_rank(opts.rank)
     if not info.is_live:
         return _fail(f"run {info.run_id} is {info.status}, not running")
-    endpoints = info.ranks["0"]
+    endpoints = info.ranks[str(opts.rank)]
     ctx = zmq.Context()
     sub, push = ctx.socket(zmq.SUB), ctx.socket(zmq.PUSH)
     server_key = info.data.get("curve_server_key")

@@ -226,10 +226,11 @@ class Publisher:
                 "ranks": {str(self.rank): {**self.endpoints, "pid": os.getpid()}},
                 "curve_server_key": server_keys.public.decode() if server_keys else None,
                 "sockets_dir": str(sockets_dir) if sockets_dir else None,
-                "last_seq": -1, "last_step": 0, "heartbeat": time.time(),
-            })
-            registry.write_json_atomic(self.bus_dir / registry.RUN_FILE, self.info.data)
-            registry.register(self.info)
+                "rank": self.rank, "last_seq": -1, "last_step": 0, "heartbeat": time.time(),
+            }, self.rank)
+            registry.write_json_atomic(self.bus_dir / registry.rank_file(self.rank), self.info.data)
+            if self.rank == 0:
+                registry.register(self.info)
         except BaseException as e:  # reported to start() in the training thread
             self._start_error = e
             for s in socks:
@@ -247,7 +248,7 @@ class Publisher:
             self.info.data.update(status=self.status, ended=time.time(), last_seq=journal.next_seq - 1,
                                   last_step=self.last_step, journal_error=self.journal_error)
             try:
-                registry.write_json_atomic(self.bus_dir / registry.RUN_FILE, self.info.data)
+                registry.write_json_atomic(self.bus_dir / registry.rank_file(self.rank), self.info.data)
             except OSError as e:
                 logger.error("could not write the final status to %s: %s", self.bus_dir, e)
             for s in socks:
@@ -374,9 +375,9 @@ class Publisher:
         self.info.data.update(last_seq=journal.next_seq - 1, last_step=self.last_step, heartbeat=time.time(),
                               journal_error=self.journal_error)
         try:
-            registry.write_json_atomic(self.bus_dir / registry.RUN_FILE, self.info.data)
+            registry.write_json_atomic(self.bus_dir / registry.rank_file(self.rank), self.info.data)
         except OSError as e:
-            logger.warning("could not update %s: %s", self.bus_dir / registry.RUN_FILE, e)
+            logger.warning("could not update %s: %s", self.bus_dir / registry.rank_file(self.rank), e)
 
     def _take_replay_requests(self, router, journal: JournalWriter, pub, replays: list) -> None:
         while True:

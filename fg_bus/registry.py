@@ -1,7 +1,9 @@
 """Where runs are, and what state they are in.
 
 A run's bus directory (`<output_dir>/fg-bus/<run_id>/`) holds `run.json` (endpoints, pid, host, start
-time, ranks, status, last step) and one journal per rank. A per-user registry (`$FG_HOME/runs/`, default
+time, world size, status, last step) and one journal per rank. Under torchrun every rank publishes its own
+stream: rank 0 writes `run.json`, rank N > 0 the same fields for itself in `rank<N>.json`, so the ranks of
+a run on several hosts only need the run directory shared. A per-user registry (`$FG_HOME/runs/`, default
 `~/.fg/runs/`) holds one small file per run pointing at that directory, so `latest`, a run id or a path
 work from any working directory. ipc sockets live in a short private directory (`/tmp/fg-<uid>/<id>/`,
 mode 0700), since socket paths are limited to about 100 bytes.
@@ -81,12 +83,17 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def rank_file(rank: int) -> str:
+    return RUN_FILE if rank == 0 else f"rank{rank}.json"
+
+
 @dataclass
 class RunInfo:
-    """A run as `run.json` describes it."""
+    """A run as `run.json` describes it; `for_rank(n)` is rank n's view (its `rank<n>.json`)."""
 
     bus_dir: Path
     data: dict[str, Any] = field(default_factory=dict)
+    rank: int = 0
 
     @property
     def run_id(self) -> str:
@@ -94,7 +101,33 @@ class RunInfo:
 
     @property
     def ranks(self) -> dict[str, dict]:
-        return self.data.get("ranks", {})
+        """Endpoints by rank ("0", "1", ...): this file's, plus those of every rank file found."""
+        found = dict(self.data.get("ranks", {}))
+        for path in self.bus_dir.glob("rank*.json"):
+            try:
+                found.update(json.loads(path.read_text(encoding="utf-8")).get("ranks", {}))
+            except (OSError, ValueError):
+                continue  # being replaced right now, or broken: that rank is not reachable
+        return found
+
+    @property
+    def world_size(self) -> int:
+        return int(self.data.get("world_size", 1))
+
+    def for_rank(self, rank: int, wait: float = 0.0) -> "RunInfo":
+        """Rank `rank`'s own view of the run. Waits up to `wait` s for its file (ranks start a moment
+        apart); raises RunNotFound if it never appears."""
+        if rank == self.rank:
+            return self
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                return load_run(self.bus_dir, rank)
+            except RunNotFound:
+                if time.monotonic() >= deadline:
+                    raise RunNotFound(f"run {self.run_id} has no rank {rank} ({self.bus_dir / rank_file(rank)} "
+                                      f"did not appear within {wait:g} s)") from None
+                time.sleep(0.1)
 
     @property
     def status(self) -> str:
@@ -114,20 +147,21 @@ class RunInfo:
     def is_live(self) -> bool:
         return self.status == "live"
 
-    def journal_path(self, rank: int = 0) -> Path:
-        return self.bus_dir / f"journal.rank{rank}.jsonl"
+    def journal_path(self, rank: int | None = None) -> Path:
+        return self.bus_dir / f"journal.rank{self.rank if rank is None else rank}.jsonl"
 
     def reload(self) -> "RunInfo":
-        return load_run(self.bus_dir)
+        return load_run(self.bus_dir, self.rank)
 
 
-def load_run(bus_dir: str | os.PathLike) -> RunInfo:
+def load_run(bus_dir: str | os.PathLike, rank: int = 0) -> RunInfo:
     bus_dir = Path(bus_dir)
+    name = rank_file(rank)
     try:
-        data = json.loads((bus_dir / RUN_FILE).read_text(encoding="utf-8"))
+        data = json.loads((bus_dir / name).read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        raise RunNotFound(f"{bus_dir} has no readable {RUN_FILE}: {e}") from None
-    return RunInfo(bus_dir, data)
+        raise RunNotFound(f"{bus_dir} has no readable {name}: {e}") from None
+    return RunInfo(bus_dir, data, rank)
 
 
 def register(info: RunInfo) -> None:

@@ -49,23 +49,26 @@ class SubscriberStats:
 
 
 class Subscriber:
-    """Follow one run's records (rank 0). `run`: "latest", a run id, or a directory.
+    """Follow one rank's records of a run (rank 0 by default). `run`: "latest", a run id, or a directory.
 
     from_seq: the first seq wanted (0: the whole history; None: from now on).
     events: deliver only these event names (the `end` record always comes through).
     wait: seconds to wait for a live run when `run` is "latest" and none is live (None: forever).
     dead_after: seconds without a heartbeat before the trainer is declared dead.
+    rank: which rank's stream (each rank of a torchrun job publishes its own); rank_wait: seconds to wait
+    for a rank that has not registered yet.
     """
 
     def __init__(self, run: str = "latest", *, from_seq: int | None = 0, events: Iterable[str] | None = None,
-                 wait: float | None = None, dead_after: float = 5.0, rank: int = 0):
+                 wait: float | None = None, dead_after: float = 5.0, rank: int = 0, rank_wait: float = 30.0):
         self.spec = run
         self.events = frozenset(events) if events else None
         self.dead_after = dead_after
         self.rank = rank
         self.stats = SubscriberStats()
         self.status: str | None = None  # set when the stream is over: completed / interrupted / failed / dead
-        self.info = registry.wait_for_run(run, wait) if run == "latest" else registry.resolve(run)
+        info = registry.wait_for_run(run, wait) if run == "latest" else registry.resolve(run)
+        self.info = info.for_rank(rank, wait=rank_wait) if rank else info
         self._expected = from_seq
         self._buffer: dict[int, dict] = {}
         self._replaying = False

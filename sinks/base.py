@@ -5,7 +5,8 @@
         def close(self): ...                 # idempotent
 
 Optional hooks: `open_run(info)` is called when a run is attached and returns where this sink's output
-for that run ends (the next seq it needs), so a restarted sink continues without a duplicate or a hole;
+for that run ends (the next seq it needs: an int for rank 0, or a dict by rank), so a restarted sink
+continues without a duplicate or a hole;
 `end_run(status)` when the run's stream is over. A sink never sees sockets: tests feed it records.
 """
 
@@ -21,9 +22,12 @@ class Sink:
 
     #: the name `fg-sink` uses for it
     kind = "sink"
+    #: which ranks of a torchrun job it follows: "0", "all", or a list such as "0,2" (`fg-sink --ranks`)
+    ranks = "0"
 
-    def open_run(self, info: RunInfo) -> int | None:
-        """A run is attached. Return the next seq this sink needs (None: whatever `--from` says)."""
+    def open_run(self, info: RunInfo) -> int | dict[int, int] | None:
+        """A run is attached. Return the next seq this sink needs (None: whatever `--from` says), or a dict
+        {rank: next seq} when it follows several ranks."""
         return None
 
     def handle(self, record: dict[str, Any]) -> None:

@@ -27,6 +27,7 @@ examples:
   fg-sink tail --json | jq .          the records themselves
   fg-sink json --follow               stay for the runs that come after
   fg-sink my_pkg.sinks:WandbSink --option project=demo
+  fg-sink tb --ranks all              a torchrun job: every rank's figures (RUN/rank1, ...), not rank 0's only
 Started before fg-train, a sink waits for the run. Restarted, it continues where its output ends.
 """
 
@@ -39,6 +40,12 @@ def _from(text: str) -> int | str:
     if text.isdigit():
         return int(text)
     raise argparse.ArgumentTypeError(f"expected start, now or a seq number, got {text!r}")
+
+
+def _ranks(text: str) -> str:
+    if text == "all" or all(part.strip().isdigit() for part in text.split(",")):
+        return text
+    raise argparse.ArgumentTypeError(f"expected 0, all, or a comma list of ranks such as 0,2; got {text!r}")
 
 
 def _option(text: str) -> tuple[str, str]:
@@ -60,6 +67,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--wait", type=float, metavar="S", help="give up if no run starts within S seconds")
     p.add_argument("--dead-after", type=float, default=5.0, metavar="S",
                    help="declare the trainer dead after S seconds without a heartbeat (default 5)")
+    p.add_argument("--ranks", type=_ranks, metavar="0|all|LIST",
+                   help="which ranks of a torchrun job to follow: 0, all, or a list such as 0,2 (default: all for "
+                        "json, 0 for the others; textgen follows rank 0 only)")
     json_opts = p.add_argument_group("json")
     json_opts.add_argument("--out", default=DEFAULT_OUT, help=f"output file; {{run}} and {{output_dir}} are "
                                                               f"replaced (default {DEFAULT_OUT})")
@@ -86,6 +96,15 @@ def parser() -> argparse.ArgumentParser:
 
 
 def build_sink(opts) -> Sink:
+    sink = _build(opts)
+    if opts.ranks is not None:
+        if opts.kind == "textgen" and opts.ranks != "0":
+            raise ValueError("textgen generates from rank 0's snapshots only: drop --ranks")
+        sink.ranks = opts.ranks
+    return sink
+
+
+def _build(opts) -> Sink:
     if opts.kind == "json":
         return JsonSink(out=opts.out)
     if opts.kind == "tb":
@@ -154,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run_sink(sink, run=opts.run, start=opts.start, follow=opts.follow, wait=opts.wait,
                         dead_after=opts.dead_after)
-    except registry.RunNotFound as e:
+    except (registry.RunNotFound, ValueError) as e:  # ValueError: --ranks beyond the run's world size
         print(f"fg-sink: error: {e}", file=sys.stderr)
         return 2
 

@@ -3,7 +3,8 @@
 The lines are the records' own bytes (schema v1), so they carry the seed JsonLogger's fields (`event`,
 `timestamp`, `global_step`, `epoch`, `metrics`, `meta`) and read with `jq` or
 `pandas.read_json(path, lines=True)`. The file is fsynced at every checkpoint (`on_save`) and at the end.
-Restarted, the sink drops a torn last line and continues after the last seq in the file.
+Restarted, the sink drops a torn last line and continues after the last seq in the file (for a torchrun
+job, whose ranks' records are interleaved in one file: after each rank's last seq).
 """
 
 from __future__ import annotations
@@ -23,13 +24,13 @@ logger = logging.getLogger(__name__)
 DEFAULT_OUT = "{output_dir}/logs/{run}.jsonl"
 
 
-def last_complete_record(path: Path) -> dict | None:
-    """Truncate a torn last line (a crash mid-write) and return the last complete record."""
+def drop_torn_tail(path: Path) -> None:
+    """Truncate a last line without its newline (the writer died mid-line)."""
     with open(path, "rb+") as f:
         size = f.seek(0, os.SEEK_END)
         tail = b""
         pos = size
-        while pos > 0 and tail.count(b"\n") < 2:
+        while pos > 0 and b"\n" not in tail:
             step = min(1 << 16, pos)
             pos -= step
             f.seek(pos)
@@ -38,20 +39,51 @@ def last_complete_record(path: Path) -> dict | None:
         if pos + end != size:
             logger.warning("%s: dropping a torn last line (%d bytes)", path, size - pos - end)
             f.truncate(pos + end)
-        lines = tail[:end].splitlines()
-        if not lines:
-            return None
-        try:
-            return records.decode(lines[-1])
-        except records.RecordError as e:
-            raise ValueError(f"{path}: the last line is not a record ({e}); move the file away to start over") from None
+
+
+def _records_backwards(path: Path, block: int = 1 << 16):
+    """The file's records from the last line to the first (read in blocks from the end)."""
+    with open(path, "rb") as f:
+        pos = f.seek(0, os.SEEK_END)
+        pending = b""
+        while pos > 0:
+            step = min(block, pos)
+            pos -= step
+            f.seek(pos)
+            pending = f.read(step) + pending
+            lines = pending.split(b"\n")
+            pending = lines[0]  # may be the end of a line that starts in an earlier block
+            for line in reversed(lines[1:]):
+                if line:
+                    yield _decode_line(path, line)
+        if pending:
+            yield _decode_line(path, pending)
+
+
+def _decode_line(path: Path, line: bytes) -> dict:
+    try:
+        return records.decode(line)
+    except records.RecordError as e:
+        raise ValueError(f"{path}: a line is not a record ({e}); move the file away to start over") from None
+
+
+def positions_in(path: Path, run_id: str, ranks: int) -> dict[int, int]:
+    """The next seq of each rank of `run_id` in the file, read from the end: only the block of this run's
+    lines at the end of the file counts (a shared --out holds several runs, one after another)."""
+    found: dict[int, int] = {}
+    for record in _records_backwards(path):
+        if record["run"] != run_id or len(found) == ranks:
+            break
+        found.setdefault(record["rank"], record["seq"] + 1)
+    return found
 
 
 class JsonSink(Sink):
     kind = "json"
 
-    def __init__(self, out: str = DEFAULT_OUT):
+    def __init__(self, out: str = DEFAULT_OUT, ranks: str = "all"):
         self.template = out
+        self.ranks = ranks
         self.path: Path | None = None
         self._file = None
         self.written = 0
@@ -62,12 +94,11 @@ class JsonSink(Sink):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         position = None
         if self.path.exists() and self.path.stat().st_size:
-            last = last_complete_record(self.path)
+            drop_torn_tail(self.path)
             # Only a file ending with this run's records is a position in it (a shared --out holds several).
-            if last is not None and last["run"] == info.run_id:
-                position = last["seq"] + 1
+            position = positions_in(self.path, info.run_id, info.world_size) or None
         self._file = open(self.path, "ab")
-        return position if position is not None else None
+        return position
 
     def handle(self, record: dict) -> None:
         self._file.write(records.encode(record))

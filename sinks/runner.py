@@ -3,6 +3,10 @@
 A sink resumes where its output ends (its `open_run` says so) unless `--from` asks otherwise; a record
 the sink cannot handle is skipped with a warning and counted; SIGINT/SIGTERM stop it cleanly after the
 record in hand. One summary line per run: records handled, gaps repaired, malformed skipped, status.
+
+A torchrun job has one stream per rank. A sink follows the ranks its `ranks` attribute names ("0", "all",
+or a list such as "0,2"), each stream in its own seq order, interleaved as records arrive; the run is over
+when every followed rank has ended or died.
 """
 
 from __future__ import annotations
@@ -28,10 +32,21 @@ class RunSummary:
     gaps_repaired: int
     malformed: int
     skipped: int
+    rank_status: dict[int, str] | None = None  # with several ranks followed: each one's status
 
     def line(self, kind: str) -> str:
-        return (f"fg-sink {kind}: run {self.run_id} {self.status}: {self.handled} records handled, "
+        ranks = ""
+        if self.rank_status and len(self.rank_status) > 1:
+            ranks = " (" + ", ".join(f"rank {r} {s}" for r, s in sorted(self.rank_status.items())) + ")"
+        return (f"fg-sink {kind}: run {self.run_id} {self.status}{ranks}: {self.handled} records handled, "
                 f"{self.gaps_repaired} gaps repaired, {self.malformed + self.skipped} malformed skipped")
+
+    @property
+    def dead_ranks(self) -> list[int]:
+        return sorted(r for r, s in (self.rank_status or {}).items() if s in (registry.DEAD, MISSING))
+
+
+MISSING = "missing"  # a rank the run's world size promises that never registered
 
 
 class _Stop:
@@ -42,34 +57,76 @@ class _Stop:
         self.signal = signal.Signals(signum).name
 
 
-def follow_run(sink: Sink, info: registry.RunInfo, start: int | str, stop: _Stop, dead_after: float) -> RunSummary:
-    """Feed one run to the sink. `start`: "start", "now" or a seq; the sink's own position wins for "start"."""
+def ranks_to_follow(spec: str, info: registry.RunInfo) -> list[int]:
+    """"0", "all" (every rank of the run's world size) or a comma list, checked against the world size."""
+    if spec == "all":
+        return list(range(info.world_size))
+    try:
+        ranks = sorted({int(r) for r in str(spec).split(",") if r.strip()})
+    except ValueError:
+        raise ValueError(f"ranks {spec!r}: expected 0, all, or a comma list such as 0,2") from None
+    bad = [r for r in ranks if not 0 <= r < info.world_size]
+    if bad or not ranks:
+        raise ValueError(f"ranks {spec!r}: run {info.run_id} has ranks 0..{info.world_size - 1}")
+    return ranks
+
+
+def follow_run(sink: Sink, info: registry.RunInfo, start: int | str, stop: _Stop, dead_after: float,
+               rank_wait: float = 30.0) -> RunSummary:
+    """Feed one run to the sink. `start`: "start", "now" or a seq (for every rank); the sink's own
+    position wins for "start" (an int for rank 0, or a dict by rank)."""
+    ranks = ranks_to_follow(getattr(sink, "ranks", "0"), info)
     position = sink.open_run(info)
-    if start == "start":
-        from_seq = position if position is not None else 0
-    elif start == "now":
-        from_seq = None
-    else:
-        from_seq = int(start)
-    sub = Subscriber(str(info.bus_dir), from_seq=from_seq, dead_after=dead_after)
+    positions = position if isinstance(position, dict) else {0: position}
+    subs: dict[int, Subscriber] = {}
+    rank_status: dict[int, str] = {}
+    for rank in ranks:
+        if start == "start":
+            from_seq = positions.get(rank) or 0
+        else:
+            from_seq = None if start == "now" else int(start)
+        try:
+            subs[rank] = Subscriber(str(info.bus_dir), from_seq=from_seq, dead_after=dead_after, rank=rank,
+                                    rank_wait=rank_wait)
+        except registry.RunNotFound as e:
+            logger.error("%s", e)
+            rank_status[rank] = MISSING
     handled = skipped = 0
     try:
-        while not sub.finished and stop.signal is None:
-            for record in sub.poll(0.5):
-                try:
-                    sink.handle(record)
-                    handled += 1
-                except (KeyError, TypeError, ValueError, AttributeError) as e:
-                    skipped += 1
-                    logger.warning("skipping record seq %s (%s): %s: %s", record.get("seq"), record.get("event"),
-                                   type(e).__name__, e)
+        while stop.signal is None:
+            following = [sub for sub in subs.values() if not sub.finished]
+            if not following:
+                break
+            for sub in following:
+                for record in sub.poll(0.5 / len(following)):
+                    try:
+                        sink.handle(record)
+                        handled += 1
+                    except (KeyError, TypeError, ValueError, AttributeError) as e:
+                        skipped += 1
+                        logger.warning("skipping record rank %s seq %s (%s): %s: %s", record.get("rank"),
+                                       record.get("seq"), record.get("event"), type(e).__name__, e)
+                    if stop.signal is not None:
+                        break
                 if stop.signal is not None:
                     break
     finally:
-        sub.close()
-    status = sub.status or f"stopped by {stop.signal}"
+        for sub in subs.values():
+            sub.close()
+    for rank, sub in subs.items():
+        rank_status[rank] = sub.status or f"stopped by {stop.signal}"
+    status = _overall(rank_status, ranks)
     sink.end_run(status)
-    return RunSummary(sub.run_id, status, handled, sub.stats.gaps_repaired, sub.stats.malformed_total, skipped)
+    return RunSummary(info.run_id, status, handled, sum(s.stats.gaps_repaired for s in subs.values()),
+                      sum(s.stats.malformed_total for s in subs.values()), skipped, rank_status)
+
+
+def _overall(rank_status: dict[int, str], ranks: list[int]) -> str:
+    """The run's status as a sink saw it: dead if any followed rank died (or never came), else the first
+    followed rank's (rank 0's: completed, interrupted, failed, or stopped by a signal)."""
+    if any(s in (registry.DEAD, MISSING) for s in rank_status.values()):
+        return registry.DEAD
+    return rank_status[ranks[0]]
 
 
 def run_sink(sink: Sink, run: str = "latest", start: int | str = "start", follow: bool = False,
@@ -92,8 +149,10 @@ def run_sink(sink: Sink, run: str = "latest", start: int | str = "start", follow
             summary = follow_run(sink, info, start, stop, dead_after)
             print(summary.line(sink.kind), file=sys.stderr, flush=True)
             if summary.status == registry.DEAD:
-                print(f"fg-sink {sink.kind}: the trainer of run {summary.run_id} stopped sending heartbeats and "
-                      "its journal ends without an end record: the run died", file=sys.stderr)
+                which = "the trainer" if len(summary.rank_status or {}) <= 1 else \
+                    "rank " + ", ".join(map(str, summary.dead_ranks))
+                print(f"fg-sink {sink.kind}: {which} of run {summary.run_id} stopped sending heartbeats (or never "
+                      "started) and its journal ends without an end record: the run died", file=sys.stderr)
                 code = 3
             last_started = info.data.get("started", 0) + 1e-6
             if not follow:

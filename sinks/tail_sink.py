@@ -26,7 +26,8 @@ class TailSink(Sink):
     kind = "tail"
 
     def __init__(self, events: list[str] | None = None, as_json: bool = False, stream: TextIO | None = None,
-                 colour: bool | None = None):
+                 colour: bool | None = None, ranks: str = "0"):
+        self.ranks = ranks  # "0", "all" or "0,2": with more than rank 0, each line says its rank
         # --json passes every record through unless events were named; the human view has a default set.
         self.events = frozenset(events) if events else (None if as_json else frozenset(DEFAULT_EVENTS))
         self.as_json = as_json
@@ -46,7 +47,8 @@ class TailSink(Sink):
 
     def format(self, record: dict) -> str | None:
         event = record["event"]
-        where = self._paint("dim", f"[step {record.get('global_step', 0)} | epoch {_fmt(record.get('epoch') or 0.0)}]")
+        rank = f"rank {record.get('rank', 0)} | " if self.ranks != "0" else ""
+        where = self._paint("dim", f"[{rank}step {record.get('global_step', 0)} | epoch {_fmt(record.get('epoch') or 0.0)}]")
         metrics = record.get("metrics") or {}
         if event == "on_train_begin":
             meta = record.get("meta") or {}
@@ -80,6 +82,6 @@ class TailSink(Sink):
             return f"{where} {self._paint('bad', 'warning')} {record.get('message', '')}"
         if event == records.END:  # the end record has a step but no epoch
             status = record.get("status", "?")
-            step = self._paint("dim", f"[step {record.get('global_step', 0)}]")
+            step = self._paint("dim", f"[{rank}step {record.get('global_step', 0)}]")
             return f"{step} {self._paint('save' if status == 'completed' else 'bad', 'end: ' + status)}"
         return f"{where} {event} {' '.join(f'{k}={_fmt(v)}' for k, v in metrics.items())}".rstrip()

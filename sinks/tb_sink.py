@@ -9,7 +9,8 @@ configuration, name, description, date) and generated samples as text (`textgen/
 All scalars of one record go into one Event (one framing and two CRCs per record, rather than per
 scalar). A sidecar, `fg-position.json`, records the event file's size and the next seq after every flush:
 a restarted sink truncates the file to that size and continues from that seq, with no duplicate and no
-hole.
+hole. For a torchrun job, rank 0's figures are written by default; `--ranks all` adds each other rank's
+in `RUN/rankN/` (its own event file and sidecar).
 """
 
 from __future__ import annotations
@@ -82,7 +83,69 @@ class EventFile:
         self._file.close()
 
 
+class _RankLog:
+    """One rank's event file and sidecar: rank 0 in the run's directory, rank N in its `rankN/` below it
+    (TensorBoard lists that as a run of its own, RUN/rankN)."""
+
+    def __init__(self, run_dir: Path, flush_secs: float):
+        self.run_dir = run_dir
+        self.flush_secs = flush_secs
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.events: EventFile | None = None
+        self.next_seq = 0
+        self.last_flush = time.monotonic()
+
+    def open(self) -> int | None:
+        """Resume from the sidecar (returns the next seq), or start a new event file (returns None)."""
+        position_path = self.run_dir / POSITION_FILE
+        if position_path.exists():
+            position = json.loads(position_path.read_text())
+            events_path = self.run_dir / position["file"]
+            if events_path.exists() and events_path.stat().st_size >= position["size"]:
+                self.events = EventFile(events_path, truncate_to=position["size"])
+                self.next_seq = position["next_seq"]
+                return self.next_seq
+            logger.warning("%s: the event file %s is missing or shorter than recorded; writing the run anew",
+                           self.run_dir, position["file"])
+            if events_path.exists():
+                events_path.rename(events_path.with_name(events_path.name + ".broken"))
+        name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}.fg"
+        self.events = EventFile(self.run_dir / name)
+        self.next_seq = 0
+        self._save_position(self.events.flush())
+        return None
+
+    def write(self, event, seq: int, durable: bool) -> None:
+        if event is not None:
+            self.events.write(event)
+        self.next_seq = seq + 1
+        if durable:
+            self.flush(durable=True)
+        elif time.monotonic() - self.last_flush > self.flush_secs:
+            self.flush()
+
+    def _save_position(self, size: int) -> None:
+        write_json_atomic(self.run_dir / POSITION_FILE,
+                          {"file": self.events.path.name, "size": size, "next_seq": self.next_seq})
+
+    def flush(self, durable: bool = False) -> None:
+        size = self.events.sync() if durable else self.events.flush()
+        self._save_position(size)
+        self.last_flush = time.monotonic()
+
+    def close(self) -> None:
+        if self.events is not None:
+            try:
+                self.flush(durable=True)
+            finally:
+                self.events.close()
+                self.events = None
+
+
 class TensorBoardSink(Sink):
+    """`ranks`: "0" (default) writes rank 0's figures; "all" or a list such as "0,1" also writes each other
+    rank's under RUN/rankN."""
+
     kind = "tb"
 
     def __init__(self, logdir: str = DEFAULT_LOGDIR, flush_secs: float = 2.0, ranks: str = "0"):
@@ -90,43 +153,30 @@ class TensorBoardSink(Sink):
         self.flush_secs = flush_secs
         self.ranks = ranks
         self.run_dir: Path | None = None
-        self.events: EventFile | None = None
-        self._next_seq = 0
-        self._last_flush = time.monotonic()
+        self.logs: dict[int, _RankLog] = {}
         self.scalars_written = 0
+
+    @property
+    def events(self) -> EventFile | None:
+        """Rank 0's event file."""
+        log = self.logs.get(0)
+        return log.events if log is not None else None
 
     # -- run lifecycle ---------------------------------------------------------------------------------
 
-    def open_run(self, info: RunInfo) -> int | None:
-        self._close_events()
+    def open_run(self, info: RunInfo) -> dict[int, int]:
+        from .runner import ranks_to_follow
+
+        self._close_logs()
         self.run_dir = Path(expand(self.logdir_template, info)) / info.run_id
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        position_path = self.run_dir / POSITION_FILE
-        if position_path.exists():
-            position = json.loads(position_path.read_text())
-            events_path = self.run_dir / position["file"]
-            if events_path.exists() and events_path.stat().st_size >= position["size"]:
-                self.events = EventFile(events_path, truncate_to=position["size"])
-                self._next_seq = position["next_seq"]
-                return self._next_seq
-            logger.warning("%s: the event file %s is missing or shorter than recorded; writing the run anew",
-                           self.run_dir, position["file"])
-            if events_path.exists():
-                events_path.rename(events_path.with_name(events_path.name + ".broken"))
-        name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}.fg"
-        self.events = EventFile(self.run_dir / name)
-        self._next_seq = 0
-        self._save_position(self.events.flush())
-        return None
-
-    def _save_position(self, size: int) -> None:
-        write_json_atomic(self.run_dir / POSITION_FILE,
-                          {"file": self.events.path.name, "size": size, "next_seq": self._next_seq})
-
-    def _flush(self, durable: bool = False) -> None:
-        size = self.events.sync() if durable else self.events.flush()
-        self._save_position(size)
-        self._last_flush = time.monotonic()
+        positions = {}
+        for rank in ranks_to_follow(self.ranks, info):
+            log = self.logs[rank] = _RankLog(self.run_dir if rank == 0 else self.run_dir / f"rank{rank}",
+                                             self.flush_secs)
+            position = log.open()
+            if position is not None:
+                positions[rank] = position
+        return positions or None
 
     # -- records ---------------------------------------------------------------------------------------
 
@@ -146,15 +196,12 @@ class TensorBoardSink(Sink):
             index = record.get("prompt_index", 0)
             text = f"**{record.get('prompt', '')}**{record.get('text', '')}"
             values = list(text_pb(f"textgen/sample_{index}", text).value)
+        tb_event = None
         if values:
             wall = _wall_time(record)
-            self.events.write(event_pb2.Event(wall_time=wall, step=step, summary=summary_pb2.Summary(value=values)))
+            tb_event = event_pb2.Event(wall_time=wall, step=step, summary=summary_pb2.Summary(value=values))
             self.scalars_written += len(values)
-        self._next_seq = record["seq"] + 1
-        if event in ("on_save", records.END):
-            self._flush(durable=True)
-        elif time.monotonic() - self._last_flush > self.flush_secs:
-            self._flush()
+        self.logs[record["rank"]].write(tb_event, record["seq"], durable=event in ("on_save", records.END))
 
     @staticmethod
     def _scalars(metrics: dict, tag) -> list:
@@ -166,19 +213,17 @@ class TensorBoardSink(Sink):
         return out
 
     def end_run(self, status: str) -> None:
-        if self.events is not None:
-            self._flush(durable=True)
+        for log in self.logs.values():
+            if log.events is not None:
+                log.flush(durable=True)
 
-    def _close_events(self) -> None:
-        if self.events is not None:
-            try:
-                self._flush(durable=True)
-            finally:
-                self.events.close()
-                self.events = None
+    def _close_logs(self) -> None:
+        logs, self.logs = self.logs, {}
+        for log in logs.values():
+            log.close()
 
     def close(self) -> None:
-        self._close_events()
+        self._close_logs()
 
 
 def _wall_time(record: dict) -> float:

@@ -27,6 +27,7 @@ import fg_bus
 from fg_bus import registry
 from fg_bus.publisher import Publisher
 
+from . import distributed
 from .callbacks import TrainerCallback
 from .training_args import SaveStrategy
 
@@ -75,6 +76,16 @@ def _describe_tokenizer(tok: Any) -> dict | None:
     if hasattr(tok, "to_dict"):
         description["config"] = tok.to_dict()
     return description
+
+
+def _tcp_for_local_rank(tcp: str | None) -> str | None:
+    """HOST:PORT for this process: ranks on one host each take three ports, PORT + 3 * LOCAL_RANK (port 0,
+    any free ports, is left as it is)."""
+    if tcp is None:
+        return None
+    host, _, port = tcp.rpartition(":")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    return tcp if int(port) == 0 or local_rank == 0 else f"{host}:{int(port) + 3 * local_rank}"
 
 
 def _ready() -> bool:
@@ -151,11 +162,13 @@ class BusCallback(TrainerCallback):
     def _ensure_started(self, args) -> Publisher:
         if self.publisher is None:
             name = self.run_name or getattr(args, "run_name", None) or Path(args.output_dir).name or "run"
-            run_id = registry.new_run_id(name)
+            # One run id for every rank of a torchrun job (rank 0's); each rank publishes its own stream.
+            run_id = distributed.broadcast(registry.new_run_id(name))
             bus_dir = Path(args.output_dir) / registry.BUS_DIRNAME / run_id
             rank = self.rank if self.rank is not None else int(os.environ.get("RANK", 0))
             world = self.world_size if self.world_size is not None else int(os.environ.get("WORLD_SIZE", 1))
-            self.publisher = Publisher(bus_dir, run_id, rank=rank, world_size=world, name=name, tcp=self.tcp).start()
+            self.publisher = Publisher(bus_dir, run_id, rank=rank, world_size=world, name=name,
+                                       tcp=_tcp_for_local_rank(self.tcp)).start()
             _ACTIVE.append(self)
             logger.info("publishing run %s (%s)", run_id, bus_dir)
         return self.publisher

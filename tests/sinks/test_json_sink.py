@@ -185,7 +185,7 @@ def test_resume_drops_a_torn_line_and_continues_without_duplicate(tmp_path):
     assert path.stat().st_size == len(clean) + len(torn)
 
     sink = JsonSink(out=str(tmp_path / "{run}.jsonl"))
-    assert sink.open_run(info) == 10
+    assert sink.open_run(info) == {0: 10}  # next seq by rank
     assert path.read_bytes() == clean  # the torn bytes are gone
     feed(sink, recs[10:])
     sink.close()
@@ -204,7 +204,7 @@ def test_resume_of_a_clean_file(tmp_path):
     sink.close()
     size = path.stat().st_size
     sink = JsonSink(out=str(path))
-    assert sink.open_run(info) == 10
+    assert sink.open_run(info) == {0: 10}
     assert path.stat().st_size == size
     sink.close()
 
@@ -222,7 +222,7 @@ def test_resume_with_long_lines(tmp_path):
     with open(path, "ab") as f:
         f.write(encode(recs[3])[:100_000])  # a torn line of 100 kB, no newline in it
     sink = JsonSink(out=str(path))
-    assert sink.open_run(info) == 3
+    assert sink.open_run(info) == {0: 3}
     assert path.read_bytes() == clean
     sink.handle(recs[3])
     sink.close()

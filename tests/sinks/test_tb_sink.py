@@ -210,7 +210,7 @@ def test_restart_after_close_continues_after_the_last_record(tmp_path):
         sink.handle(r)
     sink.close()  # durable, with the position
     again = TensorBoardSink(logdir=str(tmp_path / "tb"))
-    assert again.open_run(info) == 6
+    assert again.open_run(info) == {0: 6}
     for r in recs[6:]:
         again.handle(r)
     again.close()
@@ -236,7 +236,7 @@ def test_crash_resume_truncates_to_the_position_without_duplicates(tmp_path):
 
     # 2. a restarted sink writes a few more records but dies before its next position flush
     second = TensorBoardSink(logdir=str(tmp_path / "tb"), flush_secs=3600)
-    assert second.open_run(info) == k + 1
+    assert second.open_run(info) == {0: k + 1}
     for r in recs[k + 1:k + 4]:  # on_step_end, on_log, eval on_log: no checkpoint, no end
         second.handle(r)
     second.events.flush()  # the bytes reached the file, the sidecar was not updated
@@ -247,7 +247,7 @@ def test_crash_resume_truncates_to_the_position_without_duplicates(tmp_path):
 
     # 3. the next restart truncates to the sidecar's size and continues from its seq
     third = TensorBoardSink(logdir=str(tmp_path / "tb"), flush_secs=0)
-    assert third.open_run(info) == k + 1
+    assert third.open_run(info) == {0: k + 1}
     assert event_file.stat().st_size == position["size"]
     for r in recs[k + 1:]:
         third.handle(r)
@@ -305,12 +305,12 @@ def test_a_restart_that_writes_nothing_keeps_a_true_position(tmp_path):
     event_file = run_dir / position["file"]
 
     idle = TensorBoardSink(logdir=str(tmp_path / "tb"))
-    assert idle.open_run(info) == k + 1
+    assert idle.open_run(info) == {0: k + 1}
     idle.close()  # stopped at once (e.g. Ctrl-C while waiting)
     assert read_position(run_dir)["size"] == event_file.stat().st_size == position["size"]
 
     last = TensorBoardSink(logdir=str(tmp_path / "tb"))
-    assert last.open_run(info) == k + 1
+    assert last.open_run(info) == {0: k + 1}
     for r in recs[k + 1:]:
         last.handle(r)
     last.close()
@@ -328,7 +328,7 @@ def test_a_restart_whose_first_record_has_no_scalars_keeps_a_true_position(tmp_p
     run_dir, position = crash_with_unrecorded_bytes(tmp_path, info, recs, k)
     event_file = run_dir / position["file"]
     sink = TensorBoardSink(logdir=str(tmp_path / "tb"), flush_secs=0)
-    assert sink.open_run(info) == k + 1
+    assert sink.open_run(info) == {0: k + 1}
     sink.handle(rec(k + 1, "on_step_begin", 3))  # nothing to write, but a position flush
     assert read_position(run_dir) == {"file": position["file"], "size": event_file.stat().st_size,
                                       "next_seq": k + 2}
@@ -345,7 +345,7 @@ def test_a_lost_event_file_is_not_zero_filled(tmp_path):
     position = read_position(run_dir)
     (run_dir / position["file"]).unlink()
     again = TensorBoardSink(logdir=str(tmp_path / "tb"))
-    assert again.open_run(info) in (None, 0)
+    assert again.open_run(info) in (None, {0: 0})
     for r in recs:
         again.handle(r)
     again.close()
