@@ -139,13 +139,16 @@ def _trainer(corpus, out: Path, steps: int, device: str, callbacks=(), event_bus
 
 
 def step_ratios(corpus, steps: int, rounds: int, device: str) -> dict:
+    """Three sides per round (publishing off, four sinks, the same logging inline), in an order rotated each
+    round so that none always runs first (or last) on a machine that drifts."""
     work = Path(tempfile.mkdtemp(prefix="fg-bench-steps-"))
-    off, sinks, inline = [], [], []
-    for r in range(rounds):
+
+    def off(r: int) -> float:
         clock = StepClock()
         _trainer(corpus, work / f"off{r}", steps, device, [clock]).train()
-        off.append(clock.per_step)
+        return clock.per_step
 
+    def sinks(r: int) -> float:
         clock = StepClock()
         bus = BusCallback(run_name=f"bench-sinks-{r}")
         callbacks = [clock, TBLogger(), JsonLogger(), TextgenCallback(generation_steps=GENERATE_EVERY)]
@@ -154,32 +157,47 @@ def step_ratios(corpus, steps: int, rounds: int, device: str) -> dict:
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         trainer.train()
         tail.wait(120)
-        sinks.append(clock.per_step)
+        return clock.per_step
 
+    def inline(r: int) -> float:
         clock = StepClock()
         callbacks = [clock, InlineSummaryWriter(str(work / f"inline{r}" / "tb")),
                      InlineJson(str(work / f"inline{r}.jsonl")), InlineTextgen(corpus.tokenizer, GENERATE_EVERY)]
         _trainer(corpus, work / f"inline{r}", steps, device, callbacks).train()
-        inline.append(clock.per_step)
+        return clock.per_step
+
+    times = _interleaved({"off": off, "sinks": sinks, "inline": inline}, rounds)
     return {
-        "step_ms_off": statistics.median(off) * 1e3,
-        "step_ms_sinks": statistics.median(sinks) * 1e3,
-        "step_ms_inline": statistics.median(inline) * 1e3,
-        "step_ratio_sinks": statistics.median([s / o for s, o in zip(sinks, off)]),
-        "step_ratio_inline": statistics.median([i / o for i, o in zip(inline, off)]),
+        "step_ms_off": statistics.median(times["off"]) * 1e3,
+        "step_ms_sinks": statistics.median(times["sinks"]) * 1e3,
+        "step_ms_inline": statistics.median(times["inline"]) * 1e3,
+        "step_ratio_sinks": statistics.median([s / o for s, o in zip(times["sinks"], times["off"])]),
+        "step_ratio_inline": statistics.median([i / o for i, o in zip(times["inline"], times["off"])]),
     }
+
+
+def _interleaved(sides: dict, rounds: int) -> dict[str, list[float]]:
+    """Each side once per round, the order rotated by one each round (A B C, B C A, C A B, ...)."""
+    names = list(sides)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            times[name].append(sides[name](r))
+    return times
 
 
 def loop_ratio(corpus, steps: int, rounds: int, device: str) -> dict:
     work = Path(tempfile.mkdtemp(prefix="fg-bench-loop-"))
-    ours, raw = [], []
-    for r in range(rounds):
+
+    def ours(r: int) -> float:
         clock = StepClock()
         _trainer(corpus, work / f"t{r}", steps, device, [clock]).train()  # logging every step, as above
-        ours.append(clock.per_step)
-        raw.append(_raw_loop(corpus, steps, device))
-    return {"step_ms_trainer": statistics.median(ours) * 1e3, "step_ms_raw": statistics.median(raw) * 1e3,
-            "loop_ratio_raw": statistics.median([o / w for o, w in zip(ours, raw)])}
+        return clock.per_step
+
+    times = _interleaved({"ours": ours, "raw": lambda r: _raw_loop(corpus, steps, device)}, rounds)
+    return {"step_ms_trainer": statistics.median(times["ours"]) * 1e3,
+            "step_ms_raw": statistics.median(times["raw"]) * 1e3,
+            "loop_ratio_raw": statistics.median([o / w for o, w in zip(times["ours"], times["raw"])])}
 
 
 def _raw_loop(corpus, steps: int, device: str, warmup: int = 3) -> float:
