@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from fg_bus import registry
@@ -67,6 +68,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--wait", type=float, metavar="S", help="give up if no run starts within S seconds")
     p.add_argument("--dead-after", type=float, default=5.0, metavar="S",
                    help="declare the trainer dead after S seconds without a heartbeat (default 5)")
+    p.add_argument("--nice", type=int, default=10, metavar="N",
+                   help="lower this process's CPU priority by N (default 10): on a machine shared with training, "
+                        "the training step wins the CPU; 0 keeps it as started")
     p.add_argument("--ranks", type=_ranks, metavar="0|all|LIST",
                    help="which ranks of a torchrun job to follow: 0, all, or a list such as 0,2 (default: all for "
                         "json, 0 for the others; textgen follows rank 0 only)")
@@ -165,6 +169,8 @@ class _Adapted(Sink):
 def main(argv: list[str] | None = None) -> int:
     opts = parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if opts.nice:
+        os.nice(opts.nice)  # a sink is background work: never compete with the training step for a core
     try:
         sink = build_sink(opts)
     except ValueError as e:
