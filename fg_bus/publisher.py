@@ -70,6 +70,7 @@ class Publisher:
         self.info: registry.RunInfo | None = None
         self.received: collections.Counter = collections.Counter()  # records sinks sent in, by event
         self._encode_errors: set[str] = set()
+        self.rejected: collections.Counter = collections.Counter()  # messages refused on replay / inbox, by reason
 
     # -- lifecycle ---------------------------------------------------------------------------------------
 
@@ -386,7 +387,8 @@ class Publisher:
             except zmq.Again:
                 return
             if len(parts) != 2:
-                logger.warning("replay request with %d frames refused (expected [identity, request])", len(parts))
+                self._reject("replay-frame-count", f"replay request with {len(parts)} frames refused "
+                                                   "(expected [identity, request])")
                 continue
             identity, body = parts
             try:
@@ -396,7 +398,7 @@ class Publisher:
                 if op not in ("replay", "position") or (op == "replay" and (type(start) is not int or start < 0)):
                     raise ValueError(body[:80])
             except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError):
-                logger.warning("malformed replay request refused: %r", body[:80])
+                self._reject("replay-malformed", f"malformed replay request refused: {body[:80]!r}")
                 _send_reply(router, identity, b"error", b'{"reason":"malformed replay request"}')
                 continue
             while self._drain(journal, pub):  # everything published so far is in the journal
@@ -413,7 +415,15 @@ class Publisher:
                 return
             self._handle_inbox(parts)
 
+    def _reject(self, reason: str, detail: str) -> None:
+        """Count a refused message by reason; log the first few of each reason (a flood must not flood the log)."""
+        self.rejected[reason] += 1
+        if self.rejected[reason] <= 3:
+            logger.warning("%s%s", detail, " (further ones are counted, not logged)" if self.rejected[reason] == 3 else "")
+
     def _handle_inbox(self, parts: list[bytes]) -> None:
+        """One message from a sink or `fg-bus ctl`: a control command (answered with a `control` record, since
+        its sender waits for one) or a record to publish (refused ones are counted and logged)."""
         try:
             if len(parts) != 1:
                 raise ValueError(f"expected 1 frame, got {len(parts)}")
@@ -421,15 +431,14 @@ class Publisher:
             if not isinstance(message, dict):
                 raise ValueError("not a JSON object")
         except (ValueError, orjson.JSONDecodeError) as e:
-            logger.warning("inbox: malformed message refused: %s", e)
-            self._publish_from_bus(records.CONTROL, {"accepted": False, "reason": f"malformed message: {e}"})
+            self._reject("inbox-malformed", f"inbox: malformed message refused: {e}")
             return
         op = message.get("op")
         if op == "control":
             cmd, request_id = message.get("cmd"), str(message.get("id", ""))[:64]
             if cmd not in CONTROL_COMMANDS:
                 reason = f"unknown command {str(cmd)[:40]!r}; known: {', '.join(CONTROL_COMMANDS)}"
-                logger.warning("inbox: %s", reason)
+                self._reject("inbox-unknown-command", f"inbox: {reason}")
                 self._publish_from_bus(records.CONTROL, {"cmd": str(cmd)[:40], "id": request_id, "accepted": False,
                                                          "reason": reason, "global_step": self.last_step})
                 return
@@ -439,13 +448,22 @@ class Publisher:
         elif op == "record":
             event = message.get("event")
             if not isinstance(event, str) or not event or event in (records.END, records.HEARTBEAT, records.CONTROL):
-                self._publish_from_bus(records.CONTROL, {"accepted": False, "reason": f"record event {event!r} refused"})
+                self._reject("inbox-event-refused", f"inbox: a record with event {str(event)[:40]!r} refused")
                 return
             fields = {k: v for k, v in message.items() if k not in ("op", "v", "run", "rank", "seq", "timestamp")}
+            try:  # what the sinks will check, checked here: a bad record never reaches the journal
+                records.validate({"v": records.SCHEMA_VERSION, "run": self.run_id, "rank": self.rank, "seq": 0,
+                                  "timestamp": "", "event": event, **fields}, restore=False)
+                step = fields.get("global_step")
+                if step is not None and (type(step) is not int or step < 0):
+                    raise records.RecordError("bad-field", f"global_step must be an integer >= 0, got {step!r}")
+            except records.RecordError as e:
+                self._reject("inbox-" + e.reason, f"inbox: a {event[:40]!r} record refused: {e}")
+                return
             self._publish_from_bus(event, fields)
             self.received[event] += 1
         else:
-            self._publish_from_bus(records.CONTROL, {"accepted": False, "reason": f"unknown op {str(op)[:40]!r}"})
+            self._reject("inbox-unknown-op", f"inbox: unknown op {str(op)[:40]!r} refused")
 
 
 def _always_ready() -> bool:

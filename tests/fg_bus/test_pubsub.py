@@ -169,18 +169,25 @@ def test_inbox_control_is_acknowledged_and_bad_messages_are_refused(publisher):
     push.send(b"\xff not json")
     push.send_multipart([b"two", b"frames"])
     push.send(orjson.dumps([1, 2, 3]))
+    push.send(orjson.dumps({"op": "record", "event": "textgen", "metrics": [1, 2]}))  # metrics not an object
+    push.send(orjson.dumps({"op": "record", "event": "end"}))  # only the trainer ends its run
+    push.send(orjson.dumps({"op": "dance"}))
+    push.send(orjson.dumps({"op": "control", "cmd": "evaluate", "id": "ghi"}))
     push.close()
     ctx.term()
     got = []
-    while len([r for r in got if r["event"] == "control"]) < 5:
+    while len([r for r in got if r["event"] == "control"]) < 3:
         batch = sub.poll(2.0)
         assert batch, "the publisher stopped answering"
         got += batch
     controls = [r for r in got if r["event"] == "control"]
-    assert controls[0]["cmd"] == "save" and controls[0]["accepted"] is True
-    assert controls[1]["accepted"] is False and "unknown command" in controls[1]["reason"]
-    assert all(c["accepted"] is False for c in controls[2:])
-    assert publisher.control_requests() == [{"cmd": "save", "id": "abc", "source": ""}]
+    # Control requests are answered (their sender waits for it); other refusals are counted by reason.
+    assert [(c["cmd"], c["accepted"]) for c in controls] == [("save", True), ("explode", False), ("evaluate", True)]
+    assert "unknown command" in controls[1]["reason"]
+    assert publisher.rejected == {"inbox-unknown-command": 1, "inbox-malformed": 3, "inbox-bad-field": 1,
+                                  "inbox-event-refused": 1, "inbox-unknown-op": 1}
+    assert not [r for r in got if r["event"] == "textgen"]
+    assert [r["cmd"] for r in publisher.control_requests()] == ["save", "evaluate"]
     publisher.publish("on_log", 1)  # still alive and publishing
     publisher.close()
     assert drain(sub)[-1]["event"] == "end"
