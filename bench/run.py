@@ -149,15 +149,7 @@ def step_ratios(corpus, steps: int, rounds: int, device: str) -> dict:
         return clock.per_step
 
     def sinks(r: int) -> float:
-        clock = StepClock()
-        bus = BusCallback(run_name=f"bench-sinks-{r}")
-        callbacks = [clock, TBLogger(), JsonLogger(), TextgenCallback(generation_steps=GENERATE_EVERY)]
-        trainer = _trainer(corpus, work / f"sinks{r}", steps, device, callbacks, event_bus=bus)
-        tail = subprocess.Popen([sys.executable, "-m", "sinks", "tail", "--run", str(bus.publisher.bus_dir)],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        trainer.train()
-        tail.wait(120)
-        return clock.per_step
+        return sinks_attached(corpus, work / f"sinks{r}", steps, device, f"bench-sinks-{r}")
 
     def inline(r: int) -> float:
         clock = StepClock()
@@ -174,6 +166,19 @@ def step_ratios(corpus, steps: int, rounds: int, device: str) -> dict:
         "step_ratio_sinks": statistics.median([s / o for s, o in zip(times["sinks"], times["off"])]),
         "step_ratio_inline": statistics.median([i / o for i, o in zip(times["inline"], times["off"])]),
     }
+
+
+def sinks_attached(corpus, out: Path, steps: int, device: str, name: str) -> float:
+    """Seconds per step with the tb, json, textgen and tail sinks attached, as separate processes."""
+    clock = StepClock()
+    bus = BusCallback(run_name=name)
+    callbacks = [clock, TBLogger(), JsonLogger(), TextgenCallback(generation_steps=GENERATE_EVERY)]
+    trainer = _trainer(corpus, out, steps, device, callbacks, event_bus=bus)
+    tail = subprocess.Popen([sys.executable, "-m", "sinks", "tail", "--run", str(bus.publisher.bus_dir)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    trainer.train()
+    tail.wait(120)
+    return clock.per_step
 
 
 def _interleaved(sides: dict, rounds: int) -> dict[str, list[float]]:

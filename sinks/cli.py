@@ -68,9 +68,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--wait", type=float, metavar="S", help="give up if no run starts within S seconds")
     p.add_argument("--dead-after", type=float, default=5.0, metavar="S",
                    help="declare the trainer dead after S seconds without a heartbeat (default 5)")
-    p.add_argument("--nice", type=int, default=10, metavar="N",
-                   help="lower this process's CPU priority by N (default 10): on a machine shared with training, "
-                        "the training step wins the CPU; 0 keeps it as started")
+    p.add_argument("--nice", type=int, default=int(os.environ.get("FG_SINK_NICE", 10)), metavar="N",
+                   help="lower this process's CPU priority by N (default 10, or $FG_SINK_NICE): on a machine shared "
+                        "with training, the training step wins the CPU; 0 keeps it as started")
     p.add_argument("--ranks", type=_ranks, metavar="0|all|LIST",
                    help="which ranks of a torchrun job to follow: 0, all, or a list such as 0,2 (default: all for "
                         "json, 0 for the others; textgen follows rank 0 only)")
