@@ -18,6 +18,7 @@ import os
 import platform
 import socket
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -156,6 +157,8 @@ class BusCallback(TrainerCallback):
         self._pinned = _PinnedRing()
         self._end_status = registry.COMPLETED  # "interrupted" once a signal asked the run to stop
         self._after_close: list = []
+        #: seconds, after the end record, that the sink processes together get to finish ($FG_SINK_EXIT_TIMEOUT)
+        self.after_close_timeout = float(os.environ.get("FG_SINK_EXIT_TIMEOUT", 120.0))
 
     # -- publisher lifecycle ---------------------------------------------------------------------------
 
@@ -175,17 +178,20 @@ class BusCallback(TrainerCallback):
 
     def close(self, status: str | None = None) -> None:
         """End the run's stream with `status` (default: completed, or interrupted after a signal), then run
-        the after-close hooks (sink handles waiting for their processes). Idempotent."""
+        the after-close hooks (sink handles waiting for their processes), all within `after_close_timeout`
+        seconds. Idempotent."""
         if self.publisher is not None and not self.publisher.closed:
             self.publisher.close(status or self._end_status)
             if self in _ACTIVE:
                 _ACTIVE.remove(self)
         hooks, self._after_close = self._after_close, []
+        deadline = time.monotonic() + self.after_close_timeout
         for hook in hooks:
-            hook()
+            hook(deadline)
 
     def add_after_close(self, hook) -> None:
-        """Call `hook()` once the stream has ended (the end record is out)."""
+        """Call `hook(deadline)` once the stream has ended (the end record is out); `deadline` is a
+        time.monotonic() value shared by all hooks, past which a hook must give up waiting."""
         self._after_close.append(hook)
 
     @property

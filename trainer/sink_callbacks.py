@@ -27,7 +27,6 @@ from .callbacks import TrainerCallback
 
 logger = logging.getLogger(__name__)
 
-SINK_EXIT_TIMEOUT = 120.0
 SAMPLES_TIMEOUT = 60.0
 
 
@@ -43,6 +42,7 @@ class SinkProcess(TrainerCallback):
     def __init__(self, **metadata: Any):
         self.metadata = {k: v for k, v in metadata.items() if v is not None}
         self.process: subprocess.Popen | None = None
+        self.run_dir: str | None = None
 
     def sink_args(self, args) -> list[str]:
         return []
@@ -61,21 +61,26 @@ class SinkProcess(TrainerCallback):
                                         **self.metadata})
         command = _sink_command(self.kind, str(bus.publisher.bus_dir), *self.sink_args(args))
         self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL)
+        self.run_dir = str(bus.publisher.bus_dir)
         bus.add_after_close(self.wait)  # it exits after the end record; wait for it to finish writing
         logger.info("started %s", " ".join(command))
 
-    def wait(self, timeout: float = SINK_EXIT_TIMEOUT) -> int | None:
-        """Wait for the sink to finish the run (it exits after the end record); stop it past `timeout`."""
+    def wait(self, deadline: float | None = None) -> int | None:
+        """Wait for the sink to finish the run (it exits after the end record); past `deadline` (a
+        time.monotonic() value; the bus's after-close deadline, shared by all sinks) stop it."""
         if self.process is None:
             return None
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
         try:
             return self.process.wait(timeout)
         except subprocess.TimeoutExpired:
-            logger.error("the %s sink did not finish within %g s; stopping it", self.kind, timeout)
+            logger.error("the %s sink had not finished when the run's end deadline passed; stopping it (started "
+                         "again, it resumes where its output ends: fg-sink %s --run %s)",
+                         self.kind, self.kind, self.run_dir)
             self.process.terminate()
             try:
-                return self.process.wait(10)
-            except subprocess.TimeoutExpired:
+                return self.process.wait(5)
+            except subprocess.TimeoutExpired:  # stopped (SIGSTOP) or ignoring SIGTERM
                 self.process.kill()
                 return self.process.wait(10)
         finally:
