@@ -7,6 +7,7 @@ without its newline (the writer was killed mid-write) is detected as torn and sk
 
 from __future__ import annotations
 
+import bisect
 import gc
 import logging
 import os
@@ -62,6 +63,21 @@ class JournalWriter:
         self.flush()
         if self.failed is None:
             os.fsync(self._file.fileno())
+
+    def complete_on_disk(self) -> int:
+        """How many records (seq 0..n-1) are wholly in the file: after a write error, the rest are not.
+        Pushes what is still buffered first (as much as the disk takes)."""
+        try:
+            self._file.flush()
+        except (OSError, ValueError):
+            pass
+        try:
+            size = os.fstat(self._file.fileno()).st_size
+        except (OSError, ValueError):
+            return 0
+        ends = self._offsets[1:]
+        ends.append(self._size)
+        return bisect.bisect_right(ends, size)
 
     def offset_of(self, seq: int) -> int:
         return self._offsets[seq] if seq < len(self._offsets) else self._size

@@ -67,6 +67,7 @@ class Publisher:
         self.status = registry.RUNNING
         self.last_step = 0
         self.journal_error: str | None = None
+        self.lost_from: int | None = None  # after a journal write error: the first seq not on disk
         self.info: registry.RunInfo | None = None
         self.received: collections.Counter = collections.Counter()  # records sinks sent in, by event
         self._encode_errors: set[str] = set()
@@ -337,8 +338,19 @@ class Publisher:
         try:
             journal.append(data)
         except OSError as e:
-            self.journal_error = f"{type(e).__name__}: {e}"
-            logger.error("journal %s: write failed (%s); records continue live only", journal.path, e)
+            self._journal_failed(journal, e)
+
+    def _journal_failed(self, journal: JournalWriter, error: OSError) -> None:
+        """The journal cannot be written (disk full, quota, I/O error): training goes on and records go on
+        live; say so once, in the log and as a `warning` record, and remember from which seq replay cannot
+        serve (a subscriber asking for those is told they are lost)."""
+        self.journal_error = f"{type(error).__name__}: {error}"
+        self.lost_from = journal.complete_on_disk()
+        message = (f"journal {journal.path} could not be written ({self.journal_error}); records from seq "
+                   f"{self.lost_from} on are sent live only, and a sink that misses them live cannot get them back")
+        logger.error("%s", message)
+        self._publish_from_bus("warning", {"message": message, "journal_error": self.journal_error,
+                                           "lost_from": self.lost_from, "global_step": self.last_step})
 
     def _encode_queued(self, seq: int, fields: tuple) -> bytes:
         timestamp, event, global_step, epoch, metrics, extra = fields
@@ -363,8 +375,7 @@ class Publisher:
         try:
             journal.sync() if durable else journal.flush()
         except OSError as e:
-            self.journal_error = f"{type(e).__name__}: {e}"
-            logger.error("journal %s: flush failed (%s); records continue live only", journal.path, e)
+            self._journal_failed(journal, e)
 
     def _heartbeat(self, pub, journal: JournalWriter) -> None:
         beat = {"v": records.SCHEMA_VERSION, "run": self.run_id, "rank": self.rank, "seq": journal.next_seq,
@@ -405,7 +416,9 @@ class Publisher:
                 pass
             end = journal.next_seq
             start = end if op == "position" else min(start, end)  # "position": where "now" is, no records
-            replays.append(_Replay(identity, journal.read_chunks(start, end), end))
+            stop = end if self.lost_from is None else min(end, self.lost_from)
+            lost_from = self.lost_from if self.lost_from is not None and start < end and stop < end else None
+            replays.append(_Replay(identity, journal.read_chunks(min(start, stop), stop), end, lost_from))
 
     def _take_inbox(self, pull) -> None:
         for _ in range(1000):
@@ -495,10 +508,11 @@ class _Replay:
     """One client's replay in progress: journal chunks, then `done` with the next seq. Paced by the
     client's queue (ROUTER_MANDATORY: a full queue says EAGAIN, and the rest waits for the next loop)."""
 
-    def __init__(self, identity: bytes, chunks, end_seq: int):
+    def __init__(self, identity: bytes, chunks, end_seq: int, lost_from: int | None = None):
         self.identity = identity
         self.chunks = chunks
         self.end_seq = end_seq
+        self.done = {"next_seq": end_seq} if lost_from is None else {"next_seq": end_seq, "lost_from": lost_from}
         self.pending: bytes | None = None
         self.sendable = True  # False while the client's queue is full: the loop then waits, not spins
 
@@ -509,7 +523,7 @@ class _Replay:
             if self.pending is None:
                 self.pending = next(self.chunks, None)
             if self.pending is None:
-                result = _send_reply(router, self.identity, b"done", orjson.dumps({"next_seq": self.end_seq}))
+                result = _send_reply(router, self.identity, b"done", orjson.dumps(self.done))
                 self.sendable = False
                 return result == "full"
             result = _send_reply(router, self.identity, b"chunk", self.pending)

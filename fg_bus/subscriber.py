@@ -38,6 +38,7 @@ class SubscriberStats:
     replayed: int = 0
     duplicates: int = 0
     gaps_repaired: int = 0
+    lost: int = 0  # records the trainer could neither journal nor deliver here live (its disk failed)
     malformed: dict[str, int] = field(default_factory=dict)
 
     def count_malformed(self, reason: str) -> None:
@@ -184,6 +185,10 @@ class Subscriber:
         if not self.finished:
             info = self.info.reload()
             self.status = registry.DEAD if info.status in ("live", registry.DEAD) else info.data.get("status")
+            last_seq = info.data.get("last_seq")
+            if info.data.get("journal_error") and type(last_seq) is int and last_seq >= (self._expected or 0):
+                self._expected = self._expected or 0
+                self._skip_lost(last_seq + 1)  # the run went on after its journal failed: the rest is gone
         return out
 
     def _take_replies(self, out: list[dict]) -> None:
@@ -208,13 +213,17 @@ class Subscriber:
                     self.stats.malformed[reason] = self.stats.malformed.get(reason, 0) + n
             elif kind == b"done":
                 self._replaying = False
+                try:
+                    reply = orjson.loads(body)
+                    next_seq, lost_from = int(reply["next_seq"]), reply.get("lost_from")
+                except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+                    self.stats.count_malformed("bad-reply")
+                    self._request_replay(self._expected)
+                    continue
                 if self._expected is None:  # "from now": start at the trainer's next seq
-                    try:
-                        self._expected = int(orjson.loads(body)["next_seq"])
-                    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
-                        self.stats.count_malformed("bad-reply")
-                        self._request_replay(None)
-                        continue
+                    self._expected = next_seq
+                elif type(lost_from) is int and lost_from <= self._expected < next_seq:
+                    self._skip_lost(next_seq)
                 self._flush_buffer(out)
             elif kind == b"error":
                 logger.error("replay refused by the trainer: %r", body[:200])
@@ -293,6 +302,15 @@ class Subscriber:
         if self._buffer and self.status is None:
             self._flush_buffer(out)
         return True
+
+    def _skip_lost(self, next_seq: int) -> None:
+        """The trainer's journal failed and the records from `_expected` on were never on disk: the ones
+        missed live are gone. Count them, say so, and go on with what did arrive."""
+        resume = min(self._buffer) if self._buffer else next_seq
+        self.stats.lost += resume - self._expected
+        logger.error("run %s: records %d..%d are lost (the trainer's journal could not be written and they "
+                     "did not arrive live)", self.info.run_id, self._expected, resume - 1)
+        self._expected = resume
 
     def _flush_buffer(self, out: list[dict]) -> None:
         while self._expected in self._buffer:

@@ -33,13 +33,15 @@ class RunSummary:
     malformed: int
     skipped: int
     rank_status: dict[int, str] | None = None  # with several ranks followed: each one's status
+    lost: int = 0  # records neither journaled by the trainer (its disk failed) nor received live
 
     def line(self, kind: str) -> str:
         ranks = ""
         if self.rank_status and len(self.rank_status) > 1:
             ranks = " (" + ", ".join(f"rank {r} {s}" for r, s in sorted(self.rank_status.items())) + ")"
+        lost = f", {self.lost} LOST (the trainer's journal failed)" if self.lost else ""
         return (f"fg-sink {kind}: run {self.run_id} {self.status}{ranks}: {self.handled} records handled, "
-                f"{self.gaps_repaired} gaps repaired, {self.malformed + self.skipped} malformed skipped")
+                f"{self.gaps_repaired} gaps repaired, {self.malformed + self.skipped} malformed skipped{lost}")
 
     @property
     def dead_ranks(self) -> list[int]:
@@ -118,7 +120,8 @@ def follow_run(sink: Sink, info: registry.RunInfo, start: int | str, stop: _Stop
     status = _overall(rank_status, ranks)
     sink.end_run(status)
     return RunSummary(info.run_id, status, handled, sum(s.stats.gaps_repaired for s in subs.values()),
-                      sum(s.stats.malformed_total for s in subs.values()), skipped, rank_status)
+                      sum(s.stats.malformed_total for s in subs.values()), skipped, rank_status,
+                      sum(s.stats.lost for s in subs.values()))
 
 
 def _overall(rank_status: dict[int, str], ranks: list[int]) -> str:
@@ -132,7 +135,8 @@ def _overall(rank_status: dict[int, str], ranks: list[int]) -> str:
 def run_sink(sink: Sink, run: str = "latest", start: int | str = "start", follow: bool = False,
              wait: float | None = None, dead_after: float = 5.0) -> int:
     """The whole life of a sink process. Exit status: 0 when every run ended (completed, interrupted or
-    failed: the output is complete), 3 when a trainer died, 130/143 when stopped by a signal."""
+    failed: the output is complete), 3 when a trainer died, 5 when records were lost (the trainer could not
+    journal them and this sink missed them live), 130/143 when stopped by a signal."""
     stop = _Stop()
     previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
     code = 0
@@ -154,6 +158,8 @@ def run_sink(sink: Sink, run: str = "latest", start: int | str = "start", follow
                 print(f"fg-sink {sink.kind}: {which} of run {summary.run_id} stopped sending heartbeats (or never "
                       "started) and its journal ends without an end record: the run died", file=sys.stderr)
                 code = 3
+            elif summary.lost:
+                code = 5  # the output is missing records: say so in the exit status too
             last_started = info.data.get("started", 0) + 1e-6
             if not follow:
                 break

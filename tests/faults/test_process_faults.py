@@ -178,3 +178,43 @@ def test_a_killed_rank_is_reported_dead_and_the_other_ranks_stream_reads_back(fg
         records = list(read_journal(bus / f"journal.rank{rank}.jsonl"))
         assert [r["seq"] for r in records] == list(range(len(records)))
         assert [r for r in log if r["rank"] == rank] == as_json(records)  # each stream complete up to its end
+
+
+def _small_files(limit: int):
+    """preexec_fn: every file this process writes stops growing at `limit` bytes (EFBIG): a full disk for
+    one process. Python ignores SIGXFSZ, so the write fails with an OSError instead of killing it."""
+    def apply():
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+def test_a_journal_that_cannot_be_written_leaves_training_and_the_live_stream_going(fg_home, tmp_path):
+    out = tmp_path / "run"
+    sink = fg_sink(fg_home, "json", "--out", str(tmp_path / "log.jsonl"), "--wait", "60")
+    train = subprocess.Popen([str(BIN / "fg-train"), str(TINY), "--device", "cpu", "--output-dir", str(out),
+                              "--max-steps", "400"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             env=env(fg_home), preexec_fn=_small_files(100_000))
+    assert train.wait(180) == 0, train.stderr.read().decode()[-3000:]
+    stderr = train.stderr.read().decode()
+    assert stderr.count("could not be written") == 1, stderr[-3000:]  # printed once, not once per record
+    assert sink.wait(60) == 0, sink.stderr.read().decode()
+    journal = run_dir(out) / "journal.rank0.jsonl"
+    assert journal.stat().st_size <= 100_000
+    on_disk = list(read_journal(journal))
+    log = lines(tmp_path / "log.jsonl")
+    # The sink, following live, has every record: those on disk, then those the journal never got.
+    assert [r["seq"] for r in log] == list(range(len(log))) and log[-1]["event"] == "end"
+    assert log[:len(on_disk)] == as_json(on_disk) and len(log) > len(on_disk) + 500
+    assert [r["global_step"] for r in log if r["event"] == "on_step_end"] == list(range(1, 401))
+    warning = next(r for r in log if r["event"] == "warning")
+    assert warning["lost_from"] == len(on_disk) and "File too large" in warning["journal_error"]
+    assert json.loads((run_dir(out) / "run.json").read_text())["journal_error"]
+
+    # A sink that comes later cannot have what was never written: it says how much is lost, exits 5.
+    late = fg_sink(fg_home, "json", "--run", str(out), "--out", str(tmp_path / "late.jsonl"))
+    assert late.wait(60) == 5
+    late_err = late.stderr.read().decode()
+    assert f"{len(log) - len(on_disk)} LOST (the trainer's journal failed)" in late_err, late_err
+    assert lines(tmp_path / "late.jsonl") == as_json(on_disk)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 
 import orjson
 import pytest
@@ -258,3 +259,37 @@ def test_a_value_that_cannot_be_encoded_is_published_as_an_error_at_its_seq(publ
     assert all("metrics.weights" in r["error"] and "Opaque" in r["error"] for r in got[1:3])
     assert got[3]["metrics"] == {"loss": 1.25} and "error" not in got[3]
     assert len([m for m in caplog.messages if "could not be encoded" in m]) == 1  # logged once, not per step
+
+
+def test_a_late_subscriber_is_told_which_records_a_failed_journal_lost(fg_home, tmp_path, monkeypatch):
+    import errno
+
+    from fg_bus.journal import JournalWriter
+
+    real_write = JournalWriter.append
+
+    def append(self, data):
+        if self.next_seq >= 20 and self.failed is None:  # the disk fills at seq 20
+            self._offsets.append(self._size)
+            self._size += len(data) + 1
+            self.failed = OSError(errno.ENOSPC, "No space left on device")
+            raise self.failed
+        return real_write(self, data)
+
+    monkeypatch.setattr(JournalWriter, "append", append)
+    pub = Publisher(tmp_path / "bus" / "full", registry.new_run_id("full"), heartbeat_interval=0.2).start()
+    for i in range(40):
+        pub.publish("on_log", i)
+    while pub.lost_from is None or pub._queue:  # the bus thread has met the full disk and sent everything
+        time.sleep(0.01)
+    time.sleep(0.1)
+    sub = Subscriber(pub.run_id, from_seq=0, dead_after=10)  # joins late: 20..40 were only ever live
+    got = sub.poll(3.0)
+    for i in range(40, 45):
+        pub.publish("on_log", i)
+    pub.close()
+    got += drain(sub)
+    steps = [r["global_step"] for r in got if r["event"] == "on_log"]
+    assert steps[:20] == list(range(20)) and steps[-5:] == list(range(40, 45))
+    assert sub.stats.lost == 21  # seq 20..39 and the journal-failure warning
+    assert pub.lost_from == 20 and "No space left" in pub.journal_error
