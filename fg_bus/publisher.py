@@ -36,6 +36,10 @@ CONTROL_COMMANDS = ("stop", "save", "evaluate", "save-and-stop")
 INBOX_MAX_BYTES = 1 << 20
 _POLL_MS = 5
 _BATCH = 1024
+#: Records queued for the bus thread beyond which publish() waits for it to catch up (to half of this):
+#: memory stays bounded even when events come faster than the journal's disk takes them. A training loop
+#: publishes tens of events per step and never gets near it.
+MAX_QUEUED = 100_000
 _SENTINEL = object()
 
 
@@ -72,6 +76,8 @@ class Publisher:
         self.received: collections.Counter = collections.Counter()  # records sinks sent in, by event
         self._encode_errors: set[str] = set()
         self.rejected: collections.Counter = collections.Counter()  # messages refused on replay / inbox, by reason
+        self.stalls = 0  # times publish() waited for the bus thread (MAX_QUEUED), and for how long in all
+        self.stalled_s = 0.0
 
     # -- lifecycle ---------------------------------------------------------------------------------------
 
@@ -127,6 +133,8 @@ class Publisher:
             self._queue.append((_always_ready, seq, fields))
         if global_step is not None:
             self.last_step = global_step
+        if len(self._queue) > MAX_QUEUED:
+            self._wait_for_room()
         return seq
 
     def publish_when_ready(self, ready: Callable[[], bool], event: str, global_step: int | None = None,
@@ -143,7 +151,21 @@ class Publisher:
             self._queue.append((ready, seq, fields))
         if global_step is not None:
             self.last_step = global_step
+        if len(self._queue) > MAX_QUEUED:
+            self._wait_for_room()
         return seq
+
+    def _wait_for_room(self) -> None:
+        """Backpressure, the one wait on the publishing side: the bus thread is MAX_QUEUED records behind.
+        Counted in `stalls` / `stalled_s`, logged the first time."""
+        t0 = time.monotonic()
+        if not self.stalls:
+            logger.warning("the bus thread is %d records behind (the journal's disk cannot keep up with the "
+                           "events); publishing waits for it to catch up", len(self._queue))
+        while len(self._queue) > MAX_QUEUED // 2 and self._thread is not None and self._thread.is_alive():
+            time.sleep(0.001)
+        self.stalls += 1
+        self.stalled_s += time.monotonic() - t0
 
     @property
     def has_control_requests(self) -> bool:

@@ -11,7 +11,7 @@ import orjson
 import pytest
 import zmq
 
-from fg_bus import Publisher, Subscriber, records, registry
+from fg_bus import Publisher, Subscriber, read_journal, records, registry
 
 
 @pytest.fixture
@@ -293,3 +293,18 @@ def test_a_late_subscriber_is_told_which_records_a_failed_journal_lost(fg_home, 
     assert steps[:20] == list(range(20)) and steps[-5:] == list(range(40, 45))
     assert sub.stats.lost == 21  # seq 20..39 and the journal-failure warning
     assert pub.lost_from == 20 and "No space left" in pub.journal_error
+
+
+def test_publish_waits_for_the_bus_thread_past_max_queued_and_loses_nothing(fg_home, tmp_path, monkeypatch):
+    from fg_bus import publisher as publisher_module
+
+    monkeypatch.setattr(publisher_module, "MAX_QUEUED", 200)
+    pub = Publisher(tmp_path / "bus" / "bp", registry.new_run_id("bp")).start()
+    peak = 0
+    for i in range(20_000):  # far faster than the bus thread journals them
+        pub.publish("on_step_end", i, metrics={"loss": 1.0})
+        peak = max(peak, len(pub._queue))
+    pub.close()
+    assert pub.stalls > 0 and peak <= 201  # bounded: publish() waited instead of queueing without limit
+    got = list(read_journal(registry.resolve(pub.run_id).journal_path()))
+    assert [r["seq"] for r in got] == list(range(20_001))
