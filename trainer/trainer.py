@@ -295,7 +295,9 @@ class Trainer:
                 last = i == len(batches) - 1
                 with self._no_sync(not last):  # DDP: gradients are all-reduced once, on the last micro-batch
                     loss = self.training_step(self.model_wrapped, inputs)
-                self._data_position = (epoch, skip_samples + (step + 1 - skip) * global_batch)
+                # Where a checkpoint taken now resumes: later in this epoch, or at the start of the next.
+                self._data_position = ((epoch + 1, 0) if step + 1 >= batches_per_epoch else
+                                       (epoch, skip_samples + (step + 1 - skip) * global_batch))
                 self.step_loss = loss if i == 0 else self.step_loss + loss
                 self._accumulate_loss(loss)
 

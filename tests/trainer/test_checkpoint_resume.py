@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from conftest import RegressionDataset, TinyRegression
+from conftest import EventRecorder, RegressionDataset, TinyRegression
 from trainer import EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments
 from trainer.chargpt import char_gpt_for
 from trainer.data import CharCorpus
@@ -129,3 +129,22 @@ def test_resume_errors_name_the_problem(tmp_path):
         trainer.train(resume_from_checkpoint=True)
     with pytest.raises(ValueError, match="not a checkpoint directory"):
         trainer.train(resume_from_checkpoint=str(tmp_path))
+
+
+def test_a_checkpoint_at_an_epoch_boundary_resumes_at_the_next_epoch(tmp_path):
+    """13 optimizer steps make an epoch here (26 micro-batches, accumulation 2)."""
+    full = char_trainer(tmp_path / "full", save_steps=13)
+    full.train()
+    interrupted = char_trainer(tmp_path / "split", callbacks=[StopAt(13)], save_steps=13)
+    interrupted.train()
+    position = json.loads((tmp_path / "split" / "checkpoint-13" / "data_position.json").read_text())
+    assert position == {"epoch": 1, "samples_seen_in_epoch": 0, "world_size": 1}
+    recorder = EventRecorder()
+    resumed = char_trainer(tmp_path / "split", callbacks=[recorder], save_steps=13)
+    resumed.train(resume_from_checkpoint=True)
+    # Epochs 2 and 3 only: the finished first epoch is not begun (or ended) again.
+    assert [e for e in recorder.events if e[0].startswith("on_epoch")] == \
+        [("on_epoch_begin", 13), ("on_epoch_end", 26), ("on_epoch_begin", 26), ("on_epoch_end", 39)]
+    assert [s for s, *_ in losses(resumed)] == [s for s, *_ in losses(full)]
+    for (_, loss, _), (_, loss_ref, _) in zip(losses(resumed), losses(full)):
+        assert loss == pytest.approx(loss_ref, rel=1e-5, abs=1e-6)
