@@ -274,6 +274,26 @@ def test_tcp_with_curve_keys_refuses_a_client_without_an_allowed_key(train, fg_h
     assert not heard_within(2, curve=False)  # no CURVE at all
     with Subscriber(info.run_id, from_seq=0, dead_after=10) as sub:  # the library client uses the allowed key
         assert sub.poll(5.0)
+
+    # Nothing a stranger sends is accepted: a stop on the inbox, a replay request.
+    ctx = zmq.Context()
+    push, dealer = ctx.socket(zmq.PUSH), ctx.socket(zmq.DEALER)
+    for sock in (push, dealer):
+        sock.linger = 0
+        sock.curve_publickey, sock.curve_secretkey = stranger_public, stranger_secret
+        sock.curve_serverkey = info.data["curve_server_key"].encode()
+    push.connect(info.ranks["0"]["inbox"])
+    dealer.connect(info.ranks["0"]["replay"])
+    if push.poll(2000, zmq.POLLOUT):  # with no handshake completed, zmq may not even take the message
+        push.send(json.dumps({"op": "control", "cmd": "stop", "id": "stranger"}).encode(), flags=zmq.NOBLOCK)
+    if dealer.poll(2000, zmq.POLLOUT):
+        dealer.send(b'{"op":"replay","from":0}', flags=zmq.NOBLOCK)
+    assert not dealer.poll(2000)  # no reply
+    push.close()
+    dealer.close()
+    ctx.term()
+    assert t.proc.poll() is None  # still training
+    assert not [r for r in journal(t.run_info()) if r.get("id") == "stranger"]
     t.proc.send_signal(signal.SIGTERM)
     assert t.wait(60) == 128 + signal.SIGTERM
 

@@ -5,6 +5,7 @@ stalled, nothing hangs."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -14,6 +15,7 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from fg_bus import read_journal, registry
 
@@ -97,6 +99,43 @@ def test_a_sink_stopped_for_10_s_stalls_no_step_and_catches_up_complete(fg_home,
     assert len(during) > 20, "the run ended before the sink was continued: make it longer"
     # No step waited for the stopped sink (a stall would show as a gap of seconds).
     assert max(during) < 1.0, max(during)
+
+
+@pytest.mark.parametrize("kind", ["json", "tb"])
+def test_a_sink_killed_mid_run_and_restarted_ends_like_one_that_never_died(fg_home, tmp_path, kind):
+    out = tmp_path / "run"
+    train = fg_train(fg_home, out, max_steps=800)
+    bus = run_dir(out)
+    where = {"json": ("--out", str(tmp_path / "{run}-%s.jsonl")), "tb": ("--logdir", str(tmp_path / "tb-%s"))}[kind]
+    steady = fg_sink(fg_home, kind, "--run", str(bus), where[0], where[1] % "steady")
+    crashy = fg_sink(fg_home, kind, "--run", str(bus), where[0], where[1] % "crashy")
+    wait_for(lambda: steps_in(bus / "journal.rank0.jsonl") > 200, 60, "200 steps")
+    time.sleep(0.3)  # let it write some output before the crash (not needed for correctness)
+    crashy.send_signal(signal.SIGKILL)
+    crashy.wait(10)
+    restarted = fg_sink(fg_home, kind, "--run", str(bus), where[0], where[1] % "crashy")
+    assert train.wait(180) == 0
+    assert steady.wait(60) == 0 and restarted.wait(60) == 0, restarted.stderr.read().decode()
+    handled = int(restarted.stderr.read().decode().split(" records handled")[0].rsplit(" ", 1)[1])
+    records = list(read_journal(bus / "journal.rank0.jsonl"))
+    assert 0 < handled < len(records)  # the restart continued where the killed sink's output ended
+    run_id = records[0]["run"]
+    if kind == "json":
+        steady_lines = (tmp_path / f"{run_id}-steady.jsonl").read_bytes()
+        assert (tmp_path / f"{run_id}-crashy.jsonl").read_bytes() == steady_lines  # byte for byte
+        assert steady_lines.count(b"\n") == len(records)
+    else:
+        a, b = scalars(tmp_path / "tb-steady" / run_id), scalars(tmp_path / "tb-crashy" / run_id)
+        assert a.keys() == b.keys()
+        for tag in a:
+            assert [s for s, _ in b[tag]] == [s for s, _ in a[tag]], tag  # no duplicate, no hole
+            assert all((x == y) or (math.isnan(x) and math.isnan(y)) for (_, x), (_, y) in zip(a[tag], b[tag]))
+
+
+def scalars(tb_run: Path) -> dict[str, list[tuple[int, float]]]:
+    ea = EventAccumulator(str(tb_run), size_guidance={"scalars": 0})
+    ea.Reload()
+    return {tag: [(e.step, e.value) for e in ea.Scalars(tag)] for tag in ea.Tags()["scalars"]}
 
 
 def test_fg_train_exits_in_bounded_time_when_its_sink_is_stopped(fg_home, tmp_path):
