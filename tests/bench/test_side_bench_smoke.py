@@ -1,0 +1,30 @@
+"""The side benchmarks run and print their figures (smoke tests: no timing is asserted)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+
+
+def run(script: str, *args: str, timeout: float) -> dict:
+    proc = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_control_agreement_prints_its_cost():
+    figures = run("control_agreement.py", "--calls", "50", timeout=120)
+    assert figures["ranks"] == 2 and figures["calls"] == 50 and figures["agree_us"] > 0
+
+
+@pytest.mark.timeout(300)
+def test_sink_priority_prints_both_ratios():
+    figures = run("sink_priority.py", "--steps", "8", "--rounds", "1", timeout=280)
+    assert figures["step_ratio_nice0"] > 0 and figures["step_ratio_nice10"] > 0
