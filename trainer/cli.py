@@ -17,7 +17,7 @@ from . import distributed
 from ._utils import set_seed
 from .bus_callback import BusCallback
 from .callbacks import TrainerCallback
-from .config import ConfigError, load_config, parse_value, peek_seed
+from .config import ConfigError, load_config, parse_value, peek_arg, peek_seed
 from .default_callbacks import PrinterCallback, ProgressCallback
 from .run_config import build_trainer, default_config_path
 from .sink_callbacks import JsonLogger, TailLogger, TBLogger, TextgenCallback
@@ -152,8 +152,7 @@ def main(argv: list[str] | None = None) -> int:
             print("fg-train: error: under torchrun every rank must write to one output directory: pass "
                   "--output-dir (fg-train --nproc-per-node does this for you)", file=sys.stderr)
             return 2
-        name = "chargpt" if opts.config is None else opts.config.stem
-        overrides["output_dir"] = str(Path("fg-runs", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"))
+        overrides["output_dir"] = _default_output_dir(opts)
     output_dir = overrides.get("output_dir") or (raw_args.get("output_dir") if isinstance(raw_args, dict) else None)
     if opts.resume is True and ckpt.latest_checkpoint(output_dir or "trainer_output") is None:
         print(f"fg-train: error: --resume: no checkpoint-* directory in {output_dir}; "
@@ -209,9 +208,8 @@ def _launch_torchrun(opts, argv: list[str]) -> int:
     """Run this same command as N processes under torchrun (standalone: one machine), with one output
     directory fixed here for all of them. Returns torchrun's exit status."""
     args = _without_option(argv, "--nproc-per-node")
-    if opts.output_dir is None:
-        name = "chargpt" if opts.config is None else opts.config.stem
-        args += ["--output-dir", str(Path("fg-runs", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"))]
+    if opts.output_dir is None and peek_arg(opts.config or default_config_path(), "output_dir") is None:
+        args += ["--output-dir", _default_output_dir(opts)]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc-per-node={opts.nproc_per_node}", "-m", "trainer", *args]
     print(f"fg-train: launching {opts.nproc_per_node} ranks: torchrun --standalone "
@@ -223,6 +221,12 @@ def _launch_torchrun(opts, argv: list[str]) -> int:
             return proc.wait()
         except KeyboardInterrupt:
             continue  # the ranks got the signal too (same process group); keep waiting for their exit
+
+
+def _default_output_dir(opts) -> str:
+    """fg-runs/NAME-TIME, for a run whose config names no output_dir."""
+    name = "chargpt" if opts.config is None else opts.config.stem
+    return str(Path("fg-runs", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"))
 
 
 def _without_option(argv: list[str], name: str) -> list[str]:

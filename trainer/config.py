@@ -154,23 +154,30 @@ def parse_value(text: str) -> Any:
     return yaml.load(text, Loader=_PlainLoader) if text else ""
 
 
-def peek_seed(path: str | Path) -> int | None:
-    """`args: seed:` from a config, read without building anything (so the seed can be set first)."""
+def peek_arg(path: str | Path, name: str) -> str | None:
+    """`args: NAME:` as written in a config (a scalar's text, even a `!var` one's), read without building
+    anything; None if it is not there or the file does not parse (load_config reports that properly)."""
     try:
         node = yaml.compose(Path(path).read_text(encoding="utf-8"), Loader=yaml.SafeLoader)
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        return None  # load_config reports the problem properly
+        return None
     if not isinstance(node, yaml.MappingNode):
         return None
     for key, value in node.value:
         if key.value == "args" and isinstance(value, yaml.MappingNode):
             for k, v in value.value:
-                if k.value == "seed" and isinstance(v, yaml.ScalarNode):
-                    try:
-                        return int(v.value)
-                    except ValueError:
-                        return None
+                if k.value == name and isinstance(v, yaml.ScalarNode):
+                    return v.value
     return None
+
+
+def peek_seed(path: str | Path) -> int | None:
+    """`args: seed:` from a config, read without building anything (so the seed can be set first)."""
+    value = peek_arg(path, "seed")
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None
 
 
 class _Loader(_PlainLoader):

@@ -165,3 +165,11 @@ def test_fg_bus_ctl_stop_sent_to_rank_1_stops_both_ranks_at_the_same_step(fg_hom
     applied = [r for r in read_journal(info.journal_path(1)) if r["event"] == "control" and r.get("applied")]
     assert [r["cmd"] for r in applied] == ["stop"] and applied[0]["global_step"] == last_steps[1]
     assert (out / f"checkpoint-{last_steps[0]}").is_dir()  # stop saves, as for one process
+
+
+def test_nproc_per_node_keeps_the_output_dir_a_config_names(fg_home, tmp_path):
+    out = tmp_path / "from-config"
+    config = tmp_path / "named.yaml"
+    config.write_text(TINY.read_text() + f"    output_dir: {out}\n")  # under `args:`, the file's last block
+    fg_train(fg_home, str(config), "--nproc-per-node", "2", "--device", "cpu", "--max-steps", "4")
+    assert run_of(out).world_size == 2  # both ranks wrote there, not to a fg-runs/ default
