@@ -130,7 +130,7 @@ class Publisher:
                 return -1
             seq = self._seq
             self._seq = seq + 1
-            self._queue.append((_always_ready, seq, fields))
+            self._queue.append((ready_now, seq, fields))
         if global_step is not None:
             self.last_step = global_step
         if len(self._queue) > MAX_QUEUED:
@@ -501,7 +501,8 @@ class Publisher:
             self._reject("inbox-unknown-op", f"inbox: unknown op {str(op)[:40]!r} refused")
 
 
-def _always_ready() -> bool:
+def ready_now() -> bool:
+    """The `ready` of a record whose values can be read at once (publish(), and CPU tensors)."""
     return True
 
 

@@ -26,7 +26,7 @@ import torch
 
 import fg_bus
 from fg_bus import registry
-from fg_bus.publisher import Publisher
+from fg_bus.publisher import Publisher, ready_now
 
 from . import distributed
 from .callbacks import TrainerCallback
@@ -87,10 +87,6 @@ def _tcp_for_local_rank(tcp: str | None) -> str | None:
     host, _, port = tcp.rpartition(":")
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     return tcp if int(port) == 0 or local_rank == 0 else f"{host}:{int(port) + 3 * local_rank}"
-
-
-def _ready() -> bool:
-    return True
 
 
 def _versions() -> dict[str, str]:
@@ -273,7 +269,7 @@ class BusCallback(TrainerCallback):
             # CPU tensors here are fresh objects, never written again, so the bus thread reads them (.item())
             # while encoding, and this thread pays for neither the reads nor the encoding. (On another
             # accelerator, mps or xpu, that read is the bus thread's sync, never this thread's.)
-            self.publisher.publish_when_ready(_ready, event, global_step, epoch, metrics=values, **fields)
+            self.publisher.publish_when_ready(ready_now, event, global_step, epoch, metrics=values, **fields)
 
     def _step_values(self) -> dict[str, torch.Tensor]:
         trainer = self.trainer
