@@ -28,10 +28,12 @@ def env(fg_home: Path, **extra: str) -> dict:
     return {**os.environ, "FG_HOME": str(fg_home), "OMP_NUM_THREADS": "1", **extra}
 
 
-def fg_train(fg_home: Path, out: Path, *args: str, max_steps: int = 300, **extra: str) -> subprocess.Popen:
+def fg_train(fg_home: Path, out: Path, *args: str, max_steps: int = 300, preexec_fn=None,
+             **extra: str) -> subprocess.Popen:
+    """fg-train on tests/e2e/tiny.yaml; `extra`: environment variables."""
     return subprocess.Popen([str(BIN / "fg-train"), str(TINY), "--device", "cpu", "--output-dir", str(out),
-                             "--max-steps", str(max_steps), *args],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env(fg_home, **extra))
+                             "--max-steps", str(max_steps), *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, env=env(fg_home, **extra), preexec_fn=preexec_fn)
 
 
 def fg_sink(fg_home: Path, *args: str) -> subprocess.Popen:
@@ -201,9 +203,7 @@ def test_a_killed_rank_is_reported_dead_and_the_other_ranks_stream_reads_back(fg
     out = tmp_path / "run"
     sink = fg_sink(fg_home, "json", "--ranks", "all", "--out", str(tmp_path / "log.jsonl"), "--wait", "120",
                    "--dead-after", "2")
-    train = subprocess.Popen([str(BIN / "fg-train"), str(TINY), "--nproc-per-node", "2", "--device", "cpu",
-                              "--output-dir", str(out), "--max-steps", "100000"],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env(fg_home))
+    train = fg_train(fg_home, out, "--nproc-per-node", "2", max_steps=100_000)
     bus = run_dir(out)
     wait_for(lambda: steps_in(bus / "journal.rank1.jsonl") > 30, 90, "rank 1 to train")
     rank1 = registry.load_run(bus, rank=1)
@@ -232,9 +232,7 @@ def _small_files(limit: int):
 def test_a_journal_that_cannot_be_written_leaves_training_and_the_live_stream_going(fg_home, tmp_path):
     out = tmp_path / "run"
     sink = fg_sink(fg_home, "json", "--out", str(tmp_path / "log.jsonl"), "--wait", "60")
-    train = subprocess.Popen([str(BIN / "fg-train"), str(TINY), "--device", "cpu", "--output-dir", str(out),
-                              "--max-steps", "400"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                             env=env(fg_home), preexec_fn=_small_files(100_000))
+    train = fg_train(fg_home, out, max_steps=400, preexec_fn=_small_files(100_000))
     assert train.wait(180) == 0, train.stderr.read().decode()[-3000:]
     stderr = train.stderr.read().decode()
     assert stderr.count("could not be written") == 1, stderr[-3000:]  # printed once, not once per record
