@@ -82,15 +82,14 @@ def _sanitize(obj: Any, path: str) -> Any:
                           "is not a JSON value (use numbers, strings, lists and dicts)") from None
 
 
-def encode(record: Mapping[str, Any], plain: bool = False) -> bytes:
+def encode(record: Mapping[str, Any]) -> bytes:
     """Encode a record. Fast path: one orjson call; only a record that held a null (possibly a NaN that
-    orjson turned into null) or an unsupported type is walked and encoded again. `plain=True` promises
-    the record holds only finite numbers and strings (the caller built it so) and skips that check."""
+    orjson turned into null) or an unsupported type is walked and encoded again."""
     try:
         data = orjson.dumps(record, default=_scalar, option=_OPTIONS)
     except TypeError:
         data = None
-    if data is None or (not plain and b"null" in data):
+    if data is None or b"null" in data:
         data = orjson.dumps(_sanitize(record, ""), option=_OPTIONS)
     return data
 
