@@ -23,6 +23,9 @@ REQUIRED_FIELDS = ("v", "run", "rank", "seq", "timestamp", "event")
 HEARTBEAT = "heartbeat"
 END = "end"
 CONTROL = "control"
+#: The longest record (encoded, without its newline) a reader accepts: a longer journal line or replay
+#: line is skipped as malformed ("too-large") without being held whole in memory.
+MAX_RECORD_BYTES = 16 << 20
 
 _NONFINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 _OPTIONS = orjson.OPT_SERIALIZE_NUMPY

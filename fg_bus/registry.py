@@ -5,14 +5,17 @@ time, world size, status, last step) and one journal per rank. Under torchrun ev
 stream: rank 0 writes `run.json`, rank N > 0 the same fields for itself in `rank<N>.json`, so the ranks of
 a run on several hosts only need the run directory shared. A per-user registry (`$FG_HOME/runs/`, default
 `~/.fg/runs/`) holds one small file per run pointing at that directory, so `latest`, a run id or a path
-work from any working directory. ipc sockets live in a short private directory (`/tmp/fg-<uid>/<id>/`,
-mode 0700), since socket paths are limited to about 100 bytes.
+work from any working directory. ipc sockets live in a short private directory (`$XDG_RUNTIME_DIR/fg/<id>/`
+where that exists, else `/tmp/fg-<uid>/<id>/`, mode 0700, checked to be ours and not a symlink), since
+socket paths are limited to about 100 bytes.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import math
 import os
 import secrets
 import socket
@@ -29,21 +32,57 @@ RUN_FILE = "run.json"
 BUS_DIRNAME = "fg-bus"
 #: run.json "status" values; "dead" is never written, it is what a running entry with no process becomes.
 RUNNING, COMPLETED, FAILED, INTERRUPTED, DEAD = "running", "completed", "failed", "interrupted", "dead"
-#: A running run whose run.json heartbeat is older than this (seconds) is reported dead.
+#: What `RunInfo.status` reports besides those: "live", "paused" (the trainer's pid exists on this host but
+#: its heartbeat stopped: SIGSTOP, a suspended job, a paused VM), "unknown" (its run.json is gone).
+LIVE, PAUSED, UNKNOWN = "live", "paused", "unknown"
+#: A running run whose run.json heartbeat is older than this (seconds) is reported dead, unless its pid is
+#: alive on this host (then it is paused).
 STALE_AFTER = 30.0
+#: A local run whose heartbeat (written every second) is older than this while its pid lives is paused.
+PAUSED_AFTER = 5.0
 
 
 class RunNotFound(LookupError):
     pass
 
 
+class UnsafeDirectory(PermissionError):
+    """A directory meant to be private that another user could control: a symlink, not a directory, or
+    owned by someone else. The message says which and how to fix it."""
+
+
 def private_dir(path: Path) -> Path:
-    """Create `path` (and parents) user-only (0700); tighten a looser existing one, with a warning."""
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    mode = stat.S_IMODE(path.stat().st_mode)
-    if mode & 0o077:
-        logger.warning("%s was readable by others (mode %o); setting it to 0700", path, mode)
-        os.chmod(path, 0o700)
+    """Create `path` (parents as needed) user-only (0700), or check an existing one: it must be a real
+    directory (not a symlink: not followed) owned by us; a looser mode is tightened, with a warning.
+    Raises UnsafeDirectory otherwise: in a shared directory such as /tmp another user may have made it first,
+    to read what we put there or swap our sockets."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    try:  # opened without following a symlink, so what is checked is what is tightened
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError as e:
+        if os.path.islink(path):
+            raise UnsafeDirectory(f"{path} is a symbolic link (to {os.readlink(path)}); refusing to keep private "
+                                  "files behind it: remove it") from None
+        if e.errno == errno.ENOTDIR:
+            raise UnsafeDirectory(f"{path} is not a directory: remove it or move it away") from None
+        raise
+    try:
+        st = os.fstat(fd)
+        if st.st_uid != os.getuid():
+            raise UnsafeDirectory(f"{path} belongs to uid {st.st_uid}, not to you (uid {os.getuid()}): another user "
+                                  "may have made it to read or swap what goes there; remove it, or set "
+                                  "XDG_RUNTIME_DIR or TMPDIR to a directory of your own")
+        mode = stat.S_IMODE(st.st_mode)
+        if mode & 0o077:
+            logger.warning("%s was readable by others (mode %o); setting it to 0700", path, mode)
+            os.fchmod(fd, 0o700)
+    finally:
+        os.close(fd)
     return path
 
 
@@ -55,8 +94,26 @@ def registry_dir() -> Path:
     return private_dir(fg_home() / "runs")
 
 
+def _runtime_dir() -> Path | None:
+    """$XDG_RUNTIME_DIR when it is a directory of ours that only we can enter (0700), else None."""
+    value = os.environ.get("XDG_RUNTIME_DIR")
+    if not value:
+        return None
+    try:
+        st = os.lstat(value)
+    except OSError:
+        return None
+    if stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and stat.S_IMODE(st.st_mode) == 0o700:
+        return Path(value)
+    logger.debug("XDG_RUNTIME_DIR=%s is not a private directory of ours; sockets go under the temp dir", value)
+    return None
+
+
 def socket_dir(run_id: str) -> Path:
-    base = private_dir(Path(tempfile.gettempdir()) / f"fg-{os.getuid()}")
+    """A fresh private directory for one run's ipc sockets: under $XDG_RUNTIME_DIR (private to us by
+    design) when there is one, else `fg-<uid>` in the shared temp dir, checked by `private_dir`."""
+    runtime = _runtime_dir()
+    base = private_dir(runtime / "fg" if runtime is not None else Path(tempfile.gettempdir()) / f"fg-{os.getuid()}")
     return private_dir(base / secrets.token_hex(4))
 
 
@@ -74,13 +131,65 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
 
 
 def pid_alive(pid: int) -> bool:
+    """Whether process `pid` exists on this host (a zombie, killed but not yet reaped, does not count)."""
+    if type(pid) is not int or not 0 < pid < 1 << 31:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:  # Linux: state is the field after the parenthesised command name
+        state = Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state not in (b"Z", b"X")
+
+
+def _number(value: Any) -> bool:
+    return type(value) in (int, float) and math.isfinite(value)
+
+
+def _int_in(value: Any, low: int, high: int) -> bool:
+    return type(value) is int and low <= value < high
+
+
+#: run.json fields a reader relies on: each is optional, but when present must have this shape.
+_FIELD_CHECKS: dict[str, tuple[str, Any]] = {
+    "pid": ("a process id (a positive integer)", lambda v: v is None or _int_in(v, 1, 1 << 31)),
+    "host": ("a host name (a string)", lambda v: type(v) is str),
+    "started": ("a time (seconds since 1970)", _number),
+    "heartbeat": ("a time (seconds since 1970)", _number),
+    "ended": ("a time (seconds since 1970)", lambda v: v is None or _number(v)),
+    "status": ("a status string", lambda v: type(v) is str),
+    "world_size": ("a positive integer", lambda v: _int_in(v, 1, 1 << 20)),
+    "rank": ("a rank (an integer >= 0)", lambda v: _int_in(v, 0, 1 << 20)),
+    "last_seq": ("a seq (an integer >= -1)", lambda v: v is None or _int_in(v, -1, 1 << 63)),
+    "last_step": ("a step (an integer >= 0)", lambda v: v is None or _int_in(v, 0, 1 << 63)),
+    "curve_server_key": ("a key (a string)", lambda v: v is None or type(v) is str),
+    "journal_error": ("a message (a string)", lambda v: v is None or type(v) is str),
+}
+
+
+def shape_error(data: Any) -> str | None:
+    """What is wrong with a decoded run.json / rank file (valid JSON of the wrong shape), or None."""
+    if type(data) is not dict:
+        return f"expected a JSON object, got {type(data).__name__}"
+    if type(data.get("run_id")) is not str or not data["run_id"]:
+        return f"run_id must be a non-empty string, got {data.get('run_id')!r:.60}"
+    for key, (what, ok) in _FIELD_CHECKS.items():
+        if key in data and not ok(data[key]):
+            return f"{key} must be {what}, got {data[key]!r:.60}"
+    ranks = data.get("ranks", {})
+    if type(ranks) is not dict:
+        return f"ranks must be an object of endpoints by rank, got {ranks!r:.60}"
+    for rank, endpoints in ranks.items():
+        if not rank.isdigit() or type(endpoints) is not dict:
+            return f"ranks[{rank!r:.20}] must be a rank number holding an object of endpoints"
+        if any(type(endpoints.get(k, "")) is not str for k in ("pub", "replay", "inbox")):
+            return f"ranks[{rank!r}]: endpoints (pub, replay, inbox) must be strings"
+    return None
 
 
 def rank_file(rank: int) -> str:
@@ -105,9 +214,11 @@ class RunInfo:
         found = dict(self.data.get("ranks", {}))
         for path in self.bus_dir.glob("rank*.json"):
             try:
-                found.update(json.loads(path.read_text(encoding="utf-8")).get("ranks", {}))
+                data = json.loads(path.read_text(encoding="utf-8"))
             except (OSError, ValueError):
                 continue  # being replaced right now, or broken: that rank is not reachable
+            if shape_error(data) is None:
+                found.update(data.get("ranks", {}))
         return found
 
     @property
@@ -116,9 +227,15 @@ class RunInfo:
 
     def for_rank(self, rank: int, wait: float = 0.0) -> "RunInfo":
         """Rank `rank`'s own view of the run. Waits up to `wait` s for its file (ranks start a moment
-        apart); raises RunNotFound if it never appears."""
+        apart); raises RunNotFound at once for a rank beyond the world size, and if its file never appears."""
         if rank == self.rank:
             return self
+        if not 0 <= rank < self.world_size:
+            raise RunNotFound(f"run {self.run_id} has no rank {rank}: its ranks are {self.rank_names()}")
+        if self.data.get("orphan"):
+            if not self.journal_path(rank).exists():
+                raise RunNotFound(f"{self.bus_dir} has no {self.journal_path(rank).name}")
+            return RunInfo(self.bus_dir, {**self.data, "rank": rank}, rank)
         deadline = time.monotonic() + wait
         while True:
             try:
@@ -129,39 +246,87 @@ class RunInfo:
                                       f"did not appear within {wait:g} s)") from None
                 time.sleep(0.1)
 
+    def rank_names(self) -> str:
+        return "0" if self.world_size == 1 else f"0..{self.world_size - 1} (world size {self.world_size})"
+
     @property
     def status(self) -> str:
-        """live / ended / failed / dead, as `fg-bus ls` shows it."""
+        """live / paused / ended / failed / dead / unknown, as `fg-bus ls` shows it."""
         raw = self.data.get("status", RUNNING)
-        if raw == RUNNING:
-            local = self.data.get("host") == socket.gethostname()
-            pid = self.data.get("pid")
-            if local and pid is not None and not pid_alive(int(pid)):
+        if raw != RUNNING:
+            return {COMPLETED: "ended", INTERRUPTED: "ended", FAILED: "failed"}.get(raw, raw)
+        silent = time.time() - self.data.get("heartbeat", time.time())
+        pid = self.data.get("pid")
+        if self.is_local and pid is not None:
+            if not pid_alive(pid):
                 return DEAD
-            if time.time() - self.data.get("heartbeat", time.time()) > STALE_AFTER:
-                return DEAD  # no heartbeat written for a long while: killed elsewhere, or hung
-            return "live"
-        return {COMPLETED: "ended", INTERRUPTED: "ended", FAILED: "failed"}.get(raw, raw)
+            # Alive but its heartbeat stopped: stopped (SIGSTOP, a suspended job) rather than dead.
+            return PAUSED if silent > PAUSED_AFTER else LIVE
+        return DEAD if silent > STALE_AFTER else LIVE  # elsewhere: killed, or hung, if it wrote nothing for long
+
+    @property
+    def is_local(self) -> bool:
+        return self.data.get("host") == socket.gethostname()
 
     @property
     def is_live(self) -> bool:
-        return self.status == "live"
+        """Running as far as we can tell (a paused run counts: it may go on any moment)."""
+        return self.status in (LIVE, PAUSED)
 
     def journal_path(self, rank: int | None = None) -> Path:
         return self.bus_dir / f"journal.rank{self.rank if rank is None else rank}.jsonl"
 
     def reload(self) -> "RunInfo":
+        """The run's file read again (a run known only from its journal stays as it is)."""
+        if self.data.get("orphan") and not (self.bus_dir / rank_file(self.rank)).exists():
+            return self
         return load_run(self.bus_dir, self.rank)
+
+
+class BrokenRun(RunNotFound):
+    """A run file that is valid JSON of the wrong shape (or not JSON): the message names the file."""
 
 
 def load_run(bus_dir: str | os.PathLike, rank: int = 0) -> RunInfo:
     bus_dir = Path(bus_dir)
-    name = rank_file(rank)
+    path = bus_dir / rank_file(rank)
     try:
-        data = json.loads((bus_dir / name).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise RunNotFound(f"{bus_dir} has no readable {name}: {e}") from None
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise RunNotFound(f"{bus_dir} has no readable {path.name}: {e}") from None
+    try:
+        data = json.loads(text)
+    except ValueError as e:
+        raise BrokenRun(f"{path} is not valid JSON ({e})") from None
+    problem = shape_error(data)
+    if problem is not None:
+        raise BrokenRun(f"{path} is not a run file: {problem}")
     return RunInfo(bus_dir, data, rank)
+
+
+def journal_only(bus_dir: Path, why: str) -> RunInfo | None:
+    """A run whose run.json is gone (or broken) but whose journals are there: known from the journals
+    alone, status unknown (read to its end: an end record says how it ended). None if it has no journal."""
+    ranks = sorted(int(m) for m in (p.name[len("journal.rank"):-len(".jsonl")] for p in bus_dir.glob("journal.rank*.jsonl"))
+                   if m.isdigit())
+    if not ranks:
+        return None
+    logger.warning("%s: %s; reading its journal%s alone (the run's status and last seq are unknown)",
+                   bus_dir, why, "s" if len(ranks) > 1 else "")
+    return RunInfo(bus_dir, {"run_id": _journal_run_id(bus_dir / f"journal.rank{ranks[0]}.jsonl") or bus_dir.name,
+                             "status": UNKNOWN, "world_size": ranks[-1] + 1, "rank": 0, "orphan": True,
+                             "started": bus_dir.stat().st_mtime})
+
+
+def _journal_run_id(path: Path) -> str | None:
+    """The run id in a journal's first line (None if that line is not a record)."""
+    try:
+        with open(path, "rb") as f:
+            first = f.readline(1 << 20)  # a record's run id comes early: bound what is read
+        run = json.loads(first).get("run")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return run if type(run) is str and run else None
 
 
 def register(info: RunInfo) -> None:
@@ -170,26 +335,71 @@ def register(info: RunInfo) -> None:
                        "started": info.data.get("started")})
 
 
+_warned: set[tuple[str, float]] = set()
+
+
+def _warn_once(path: Path, message: str) -> None:
+    """A broken file is reported once per process (and again if it changes), not at every poll."""
+    try:
+        key = (str(path), path.stat().st_mtime)
+    except OSError:
+        key = (str(path), 0.0)
+    if key not in _warned:
+        _warned.add(key)
+        logger.warning("%s", message)
+
+
 def list_runs() -> list[RunInfo]:
-    """Every registered run whose directory still exists, oldest first."""
+    """Every registered run whose directory still exists, oldest first. An entry or run.json of the wrong
+    shape is skipped with a warning naming the file."""
     runs = []
     for entry in registry_dir().glob("*.json"):
         try:
             pointer = json.loads(entry.read_text(encoding="utf-8"))
+        except OSError:
+            continue  # removed while we looked
+        except ValueError as e:
+            _warn_once(entry, f"skipping registry entry {entry}: not valid JSON ({e})")
+            continue
+        if type(pointer) is not dict or type(pointer.get("bus_dir")) is not str:
+            _warn_once(entry, f"skipping registry entry {entry}: expected an object with a bus_dir string")
+            continue
+        try:
             runs.append(load_run(pointer["bus_dir"]))
-        except (OSError, ValueError, KeyError, RunNotFound):
+        except BrokenRun as e:
+            _warn_once(Path(pointer["bus_dir"]) / RUN_FILE, f"skipping run: {e}")
+        except RunNotFound:
             continue  # a run directory that was deleted: not a run any more
-    return sorted(runs, key=lambda r: (r.data.get("started", 0), r.run_id))
+    return sorted(runs, key=_start_key)
+
+
+def _start_key(info: RunInfo) -> tuple:
+    return info.data.get("started", 0), info.run_id
 
 
 def _runs_in(path: Path) -> list[RunInfo]:
     if (path / RUN_FILE).is_file():
-        return [load_run(path)]
+        try:
+            return [load_run(path)]
+        except BrokenRun as e:
+            orphan = journal_only(path, str(e))
+            if orphan is None:
+                raise
+            return [orphan]
     bus = path / BUS_DIRNAME
     if bus.is_dir():
-        found = [load_run(d) for d in bus.iterdir() if (d / RUN_FILE).is_file()]
-        return sorted(found, key=lambda r: (r.data.get("started", 0), r.run_id))
-    return []
+        found = []
+        for d in bus.iterdir():
+            if (d / RUN_FILE).is_file():
+                try:
+                    found.append(load_run(d))
+                except BrokenRun as e:
+                    _warn_once(d / RUN_FILE, f"skipping run: {e}")
+            elif d.is_dir() and (orphan := journal_only(d, f"no {RUN_FILE} (deleted?)")) is not None:
+                found.append(orphan)
+        return sorted(found, key=_start_key)
+    orphan = journal_only(path, f"no {RUN_FILE} (deleted?)") if path.is_dir() else None
+    return [orphan] if orphan is not None else []
 
 
 def resolve(spec: str | os.PathLike) -> RunInfo | None:
@@ -203,7 +413,7 @@ def resolve(spec: str | os.PathLike) -> RunInfo | None:
     if path.is_dir():
         runs = _runs_in(path)
         if not runs:
-            raise RunNotFound(f"{path} is not a run directory (no {RUN_FILE}, no {BUS_DIRNAME}/)")
+            raise RunNotFound(f"{path} is not a run directory (no {RUN_FILE}, no {BUS_DIRNAME}/, no journal)")
         return runs[-1]
     runs = list_runs()
     exact = [r for r in runs if r.run_id == text]

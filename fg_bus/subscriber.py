@@ -40,6 +40,11 @@ class SubscriberStats:
     gaps_repaired: int = 0
     lost: int = 0  # records the trainer could neither journal nor deliver here live (its disk failed)
     malformed: dict[str, int] = field(default_factory=dict)
+    #: Records missing for good (not live, not in the journal: a garbled or emptied journal), and their
+    #: inclusive (first, last) seq ranges; the stream goes on past them.
+    holes: int = 0
+    hole_ranges: list[tuple[int, int]] = field(default_factory=list)
+    paused_s: float = 0.0  # time spent waiting on a trainer that was silent but alive (stopped, suspended)
 
     def count_malformed(self, reason: str) -> None:
         self.malformed[reason] = self.malformed.get(reason, 0) + 1
@@ -60,16 +65,23 @@ class Subscriber:
     for a rank that has not registered yet.
     """
 
-    def __init__(self, run: str = "latest", *, from_seq: int | None = 0, events: Iterable[str] | None = None,
-                 wait: float | None = None, dead_after: float = 5.0, rank: int = 0, rank_wait: float = 30.0):
+    def __init__(self, run: str | registry.RunInfo = "latest", *, from_seq: int | None = 0,
+                 events: Iterable[str] | None = None, wait: float | None = None, dead_after: float = 5.0,
+                 rank: int = 0, rank_wait: float = 30.0):
         self.spec = run
         self.events = frozenset(events) if events else None
         self.dead_after = dead_after
         self.rank = rank
         self.stats = SubscriberStats()
         self.status: str | None = None  # set when the stream is over: completed / interrupted / failed / dead
-        info = registry.wait_for_run(run, wait) if run == "latest" else registry.resolve(run)
+        if isinstance(run, registry.RunInfo):
+            info = run
+        else:
+            info = registry.wait_for_run(run, wait) if run == "latest" else registry.resolve(run)
         self.info = info.for_rank(rank, wait=rank_wait) if rank else info
+        self._paused_since: float | None = None  # silent past dead_after, but the trainer's pid is alive
+        self._next_liveness_check = 0.0
+        self._reload_warned = False
         self._expected = from_seq
         self._buffer: dict[int, dict] = {}
         self._replaying = False
@@ -99,8 +111,9 @@ class Subscriber:
 
     def _connect(self) -> None:
         endpoints = self.info.ranks.get(str(self.rank))
-        if endpoints is None:
-            raise registry.RunNotFound(f"run {self.info.run_id} has no rank {self.rank}")
+        if endpoints is None or "pub" not in endpoints or "replay" not in endpoints:
+            raise registry.RunNotFound(f"run {self.info.run_id} has no endpoints for rank {self.rank} in "
+                                       f"{self.info.bus_dir / registry.rank_file(self.rank)}")
         self._ctx = zmq.Context()
         self._sub = self._ctx.socket(zmq.SUB)
         self._dealer = self._ctx.socket(zmq.DEALER)
@@ -163,33 +176,114 @@ class Subscriber:
                 break
             if out or time.monotonic() >= deadline:
                 break
-            if time.monotonic() - self._last_heard > self.dead_after:
-                self._finish_from_journal(out, f"no heartbeat for {self.dead_after:.1f} s")
+            if self._check_silence(out):
                 break
-        if not self.finished and time.monotonic() - self._last_heard > self.dead_after:
-            self._finish_from_journal(out, f"no heartbeat for {self.dead_after:.1f} s")
+        if not self.finished:
+            self._check_silence(out)
         return out
+
+    def _check_silence(self, out: list[dict]) -> bool:
+        """Past `dead_after` s without a word from the trainer, ask its run file whether it is gone: a pid
+        that still exists on this host is a stopped (or suspended) trainer, followed on; a gone pid (or,
+        elsewhere, a run file not written for registry.STALE_AFTER s) is dead, and the rest is read from the
+        journal. True when the stream was finished here."""
+        now = time.monotonic()
+        silent = now - self._last_heard
+        if silent <= self.dead_after or now < self._next_liveness_check:
+            return False
+        self._next_liveness_check = now + min(0.5, self.dead_after)
+        info = self._reload()
+        if info.is_live:
+            if self._paused_since is None:
+                self._paused_since = self._last_heard
+                pid = info.data.get("pid")
+                if info.is_local:
+                    logger.warning("run %s: trainer pid %s is alive but silent for %.0f s: paused? still following",
+                                   info.run_id, pid, silent)
+                else:
+                    logger.warning("run %s: the trainer (pid %s on %s) is silent for %.0f s but its run file is "
+                                   "fresh: still following", info.run_id, pid, info.data.get("host"), silent)
+            return False
+        self._finish_from_journal(out, f"no heartbeat for {silent:.1f} s")
+        return True
+
+    def _heard(self) -> None:
+        """A message from the trainer: it is not silent (any more)."""
+        self._last_heard = time.monotonic()
+        if self._paused_since is not None:
+            self._end_pause("the trainer is sending again")
+
+    def _end_pause(self, why: str) -> None:
+        waited = time.monotonic() - self._paused_since
+        self.stats.paused_s += waited
+        self._paused_since = None
+        logger.warning("run %s: %s after %.1f s of silence", self.info.run_id, why, waited)
+
+    def _reload(self) -> registry.RunInfo:
+        """The run file read again; the last one read if it is gone or broken now (said once)."""
+        try:
+            return self.info.reload()
+        except registry.RunNotFound as e:
+            if not self._reload_warned:
+                logger.warning("run %s: %s; going on with what it said before", self.info.run_id, e)
+                self._reload_warned = True
+            return self.info
 
     def _poll_journal(self, batch: int = 10_000) -> list[dict]:
         out = []
         for record in self._journal_iter:
-            if self._expected is not None and record["seq"] < self._expected:
-                continue
+            seq = record["seq"]
+            if self._expected is not None and seq != self._expected:
+                if seq < self._expected:
+                    continue
+                self._missing(self._expected, seq - 1, "not in the journal: a line garbled or removed")
             self._deliver(record, out)
             self.stats.replayed += 1
             if self.finished or len(out) >= batch:
+                self._merge_journal_stats()
                 return out
         # The journal is exhausted without an end record: the trainer died (or is dying).
+        self._merge_journal_stats()
+        if not self.finished:
+            info = self._reload()
+            dead = info.status in (registry.LIVE, registry.PAUSED, registry.DEAD, registry.UNKNOWN)
+            self.status = registry.DEAD if dead else info.data.get("status")
+            last_seq = info.data.get("last_seq")
+            self._expected = self._expected or 0
+            if type(last_seq) is int and last_seq >= self._expected:
+                if info.data.get("journal_error"):
+                    self._skip_lost(last_seq + 1)  # the run went on after its journal failed: the rest is gone
+                else:  # emptied or cut short after the fact: run.json saw the trainer write further
+                    self._missing(self._expected, last_seq, f"the journal ends before seq {last_seq}, the last "
+                                  f"one {registry.rank_file(self.rank)} records")
+                    self._expected = last_seq + 1
+        return out
+
+    def _merge_journal_stats(self) -> None:
         for reason, n in self._journal_stats.malformed.items():
             self.stats.malformed[reason] = self.stats.malformed.get(reason, 0) + n
-        if not self.finished:
-            info = self.info.reload()
-            self.status = registry.DEAD if info.status in ("live", registry.DEAD) else info.data.get("status")
-            last_seq = info.data.get("last_seq")
-            if info.data.get("journal_error") and type(last_seq) is int and last_seq >= (self._expected or 0):
-                self._expected = self._expected or 0
-                self._skip_lost(last_seq + 1)  # the run went on after its journal failed: the rest is gone
-        return out
+        self._journal_stats.malformed.clear()
+
+    def _missing(self, first: int, last: int, why: str, lost: bool = False) -> None:
+        """Records first..last will never come (nothing holds them any more): count them, say so, go on."""
+        if lost:
+            self.stats.lost += last - first + 1
+        else:
+            self.stats.holes += last - first + 1
+            self.stats.hole_ranges.append((first, last))
+        logger.error("run %s rank %d: records %d..%d are missing for good (%s); going on without them",
+                     self.info.run_id, self.rank, first, last, why)
+
+    def _give_up_below(self, next_seq: int, lost_from: int | None, out: list[dict]) -> None:
+        """A replay has sent everything the journal holds below `next_seq`: whatever is still missing there
+        is not in the journal (garbled, emptied) and no other replay will bring it."""
+        while self._expected is not None and self._expected < next_seq and not self.finished:
+            resume = min([s for s in self._buffer if s > self._expected] + [next_seq])
+            lost = type(lost_from) is int and self._expected >= lost_from
+            self._missing(self._expected, resume - 1, "lost with the trainer's journal" if lost else
+                          "not in the journal: a line garbled, or the file emptied or cut", lost=lost)
+            self._expected = resume
+            self._flush_buffer(out)
 
     def _take_replies(self, out: list[dict]) -> None:
         while len(out) < _REPLY_BATCH:  # hand records to the caller in batches: memory freed is memory reused
@@ -197,7 +291,7 @@ class Subscriber:
                 parts = self._dealer.recv_multipart(flags=zmq.NOBLOCK)
             except zmq.Again:
                 return
-            self._last_heard = time.monotonic()
+            self._heard()
             if len(parts) != 2:
                 self.stats.count_malformed("frame-count")
                 continue
@@ -225,6 +319,7 @@ class Subscriber:
                 elif type(lost_from) is int and lost_from <= self._expected < next_seq:
                     self._skip_lost(next_seq)
                 self._flush_buffer(out)
+                self._give_up_below(next_seq, lost_from, out)
             elif kind == b"error":
                 logger.error("replay refused by the trainer: %r", body[:200])
                 self._replaying = False
@@ -238,6 +333,8 @@ class Subscriber:
             except zmq.Again:
                 return
             self._last_heard = time.monotonic()
+            if self._paused_since is not None:
+                self._end_pause("the trainer is sending again")
             try:
                 record = records.parse_frames(parts)
             except records.RecordError as e:
@@ -329,11 +426,13 @@ class Subscriber:
 
     def _finish_from_journal(self, out: list[dict], why: str) -> None:
         """Live delivery is over (trainer silent, or ended with a gap here): finish from the journal file."""
-        info = self.info.reload()
+        if self._paused_since is not None:
+            self._end_pause("the trainer is gone")
+        info = self._reload()
         deadline = time.monotonic() + 5.0
         while info.status == "live" and self._end_waiting_since is not None and time.monotonic() < deadline:
             time.sleep(0.05)  # the trainer is closing: its final status follows the journal's last flush
-            info = info.reload()
+            info = self._reload()
         logger.warning("run %s: %s (status: %s); reading the rest from its journal", info.run_id, why, info.status)
         self._close_sockets()
         self.info = info

@@ -90,9 +90,9 @@ def test_new_run_id_sanitises_names():
 
 def test_write_json_atomic(tmp_path):
     path = tmp_path / "run.json"
-    registry.write_json_atomic(path, {"a": 1})
-    registry.write_json_atomic(path, {"a": 2, "b": [1, 2]})
-    assert registry.load_run(tmp_path).data == {"a": 2, "b": [1, 2]}
+    registry.write_json_atomic(path, {"run_id": "r", "a": 1})
+    registry.write_json_atomic(path, {"run_id": "r", "a": 2, "b": [1, 2]})
+    assert registry.load_run(tmp_path).data == {"run_id": "r", "a": 2, "b": [1, 2]}
     assert mode(path) == 0o600
     assert [p.name for p in tmp_path.iterdir()] == ["run.json"]  # no temp file left behind
 
