@@ -9,6 +9,12 @@ requests on ROUTER by streaming journal chunks; take control commands and sink r
 publish a heartbeat (carrying the next seq, so subscribers notice a missed tail) every second; flush the
 journal every 100 ms. On close: the `end` record, fsync, run.json status, sockets closed with a bounded
 linger.
+
+The bus thread must not die of a peer or of the file system: every socket has a message size limit and
+high-water marks, replays are bounded per client and in all (`_replay`), the inbox hears only trusted peers
+and never takes trainer events from a sink (`_inbox`), a deleted journal is restored from its open handle,
+and an unexpected error in one loop iteration is logged, counted (`bus_errors`), published as a `warning`
+and survived. If records are lost all the same, `incomplete` says why, and the end record and run.json say so.
 """
 
 from __future__ import annotations
@@ -20,20 +26,23 @@ import os
 import socket
 import threading
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-import orjson
 import zmq
 
-from . import records, registry, security
+from . import _encode, _inbox, _sockets, records, registry, security
+from ._inbox import CONTROL_COMMANDS  # noqa: F401 - part of this module's API (fg-bus ctl's choices)
+from ._replay import ReplayService
+from ._sockets import INBOX_MAX_BYTES  # noqa: F401 - likewise
 from .journal import JournalWriter
 
 logger = logging.getLogger(__name__)
 
-CONTROL_COMMANDS = ("stop", "save", "evaluate", "save-and-stop")
-INBOX_MAX_BYTES = 1 << 20
+#: Loop iterations in a row that fail before the bus thread gives up (training is told through `incomplete`).
+MAX_CONSECUTIVE_ERRORS = 20
+#: Unexpected errors published as `warning` records; later ones are only counted.
+MAX_ERROR_WARNINGS = 10
 _POLL_MS = 5
 _BATCH = 1024
 #: Records queued for the bus thread beyond which publish() waits for it to catch up (to half of this):
@@ -48,13 +57,14 @@ class Publisher:
 
     def __init__(self, bus_dir: str | os.PathLike, run_id: str, *, rank: int = 0, world_size: int = 1,
                  name: str | None = None, tcp: str | None = None, heartbeat_interval: float = 1.0,
-                 flush_interval: float = 0.1, linger_ms: int = 1000):
+                 flush_interval: float = 0.1, linger_ms: int = 1000, insecure: bool = False):
         self.bus_dir = Path(bus_dir)
         self.run_id = run_id
         self.rank = rank
         self.world_size = world_size
         self.name = name or run_id
         self.tcp = tcp
+        self.insecure = insecure  # tcp beyond loopback without CURVE keys, asked for by name
         self.heartbeat_interval = heartbeat_interval
         self.flush_interval = flush_interval
         self.linger_ms = linger_ms
@@ -78,10 +88,27 @@ class Publisher:
         self.rejected: collections.Counter = collections.Counter()  # messages refused on replay / inbox, by reason
         self.stalls = 0  # times publish() waited for the bus thread (MAX_QUEUED), and for how long in all
         self.stalled_s = 0.0
+        self.bus_errors = 0  # unexpected errors the bus thread survived
+        self._loopback_only = False  # tcp without CURVE: the inbox hears loopback peers only
+        self._journal_lost: str | None = None  # the journal's file was deleted and could not be restored
+        self._died: str | None = None  # why the bus thread stopped before close()
+        self._dead = False  # the bus thread is gone: publish() queues nothing more
+        self._final_written = False  # the bus thread wrote run.json's final status
+        self._status_write_failed = False
+
+    @property
+    def incomplete(self) -> str | None:
+        """None while every record published is in the journal and on the stream; otherwise why not."""
+        reasons = []
+        if self.journal_error is not None:
+            reasons.append(f"the journal could not be written from seq {self.lost_from} on ({self.journal_error})")
+        reasons += [r for r in (self._journal_lost, self._died) if r]
+        return "; ".join(reasons) or None
 
     # -- lifecycle ---------------------------------------------------------------------------------------
 
     def start(self, timeout: float = 10.0) -> "Publisher":
+        security.check_tcp(self.tcp, self.insecure)
         registry.private_dir(self.bus_dir)
         self._thread = threading.Thread(target=self._run, name=f"fg-bus-rank{self.rank}", daemon=True)
         self._thread.start()
@@ -93,18 +120,27 @@ class Publisher:
         return self
 
     def close(self, status: str = registry.COMPLETED, timeout: float = 10.0) -> None:
-        """Publish the `end` record with `status`, flush and sync the journal, close the sockets. Idempotent."""
+        """Publish the `end` record with `status` (and `incomplete`, if records were lost), flush and sync the
+        journal, close the sockets. Idempotent. If the bus thread is gone, writes run.json's final status."""
         with self._lock:
             if self._closed:
                 return
-            self._enqueue_locked(records.END, {"status": status, "global_step": self.last_step})
+            fields = {"status": status, "global_step": self.last_step}
+            if self.incomplete is not None:
+                fields["incomplete"] = self.incomplete
+            if not self._dead:
+                self._enqueue_locked(records.END, fields)
             self._closed = True
             self.status = status
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
             if self._thread.is_alive():
-                logger.error("the bus thread did not finish within %g s; the journal may be incomplete", timeout)
+                self._died = self._died or (f"the bus thread did not finish within {timeout:g} s; the journal may "
+                                            "lack the last records")
+                logger.error("%s", self._died)
+        if not self._final_written:
+            self._write_final_status(status)
         atexit.unregister(self._close_at_exit)
 
     def _close_at_exit(self) -> None:
@@ -119,14 +155,15 @@ class Publisher:
 
     def publish(self, event: str, global_step: int | None = None, epoch: float | None = None,
                 metrics: dict | None = None, **extra: Any) -> int:
-        """Hand one record to the bus; returns its seq (-1 once closed). Never blocks on I/O.
+        """Hand one record to the bus; returns its seq (-1 once closed, or once the bus thread is gone). Never
+        blocks on I/O.
 
         The bus thread builds and encodes the record a few milliseconds later, so `metrics` is copied (one
         level) here; do not change the values inside it afterwards. A value that cannot be encoded is
         logged, and the record goes out at its seq with empty metrics and an `error` naming the key."""
         fields = (time.time(), event, global_step, epoch, dict(metrics) if metrics else None, extra)
         with self._lock:
-            if self._closed:
+            if self._closed or self._dead:  # dead: nothing would take it
                 return -1
             seq = self._seq
             self._seq = seq + 1
@@ -144,7 +181,7 @@ class Publisher:
         and so the order, is fixed now; the timestamp too."""
         fields = (time.time(), event, global_step, epoch, metrics, extra)
         with self._lock:
-            if self._closed:
+            if self._closed or self._dead:  # dead: nothing would take it
                 return -1
             seq = self._seq
             self._seq = seq + 1
@@ -162,7 +199,8 @@ class Publisher:
         if not self.stalls:
             logger.warning("the bus thread is %d records behind (the journal's disk cannot keep up with the "
                            "events); publishing waits for it to catch up", len(self._queue))
-        while len(self._queue) > MAX_QUEUED // 2 and self._thread is not None and self._thread.is_alive():
+        while (len(self._queue) > MAX_QUEUED // 2 and not self._dead and self._thread is not None
+               and self._thread.is_alive()):
             time.sleep(0.001)
         self.stalls += 1
         self.stalled_s += time.monotonic() - t0
@@ -201,22 +239,6 @@ class Publisher:
 
     # -- the bus thread ------------------------------------------------------------------------------------
 
-    def _bind(self, sock: zmq.Socket, kind: str, sockets_dir: Path | None) -> str:
-        if self.tcp is None:
-            endpoint = f"ipc://{sockets_dir / kind}"
-            sock.bind(endpoint)
-            return endpoint
-        host, _, port = self.tcp.rpartition(":")
-        host = host or "127.0.0.1"
-        offset = {"pub": 0, "replay": 1, "inbox": 2}[kind]
-        if int(port) == 0:
-            port = sock.bind_to_random_port(f"tcp://{host}")
-        else:
-            port = int(port) + offset
-            sock.bind(f"tcp://{host}:{port}")
-        shown = socket.gethostname() if host in ("0.0.0.0", "*") else host
-        return f"tcp://{shown}:{port}"
-
     def _run(self) -> None:
         ctx = zmq.Context()
         socks: list[zmq.Socket] = []
@@ -226,13 +248,9 @@ class Publisher:
             journal = JournalWriter(self.bus_dir / f"journal.rank{self.rank}.jsonl")
             pub, router, pull = (ctx.socket(t) for t in (zmq.PUB, zmq.ROUTER, zmq.PULL))
             socks = [pub, router, pull]
-            for s in socks:
-                s.linger = self.linger_ms
-            pub.sndhwm = 100_000  # beyond this a slow subscriber drops live records and repairs from the journal
-            router.router_mandatory = True
-            router.sndhwm = 64
-            pull.maxmsgsize = INBOX_MAX_BYTES
+            _sockets.limit(pub, router, pull, self.linger_ms)
             server_keys = security.server_keys() if self.tcp is not None else None
+            self._loopback_only = self.tcp is not None and server_keys is None
             if server_keys is not None:
                 from zmq.auth.thread import ThreadAuthenticator
 
@@ -242,7 +260,7 @@ class Publisher:
                 for s in socks:
                     security.make_server(s, server_keys)
             sockets_dir = registry.socket_dir(self.run_id) if self.tcp is None else None
-            self.endpoints = {kind: self._bind(s, kind, sockets_dir)
+            self.endpoints = {kind: _sockets.bind(s, kind, self.tcp, sockets_dir, curve=server_keys is not None)
                               for kind, s in (("pub", pub), ("replay", router), ("inbox", pull))}
             self.info = registry.RunInfo(self.bus_dir, {
                 "run_id": self.run_id, "name": self.name, "pid": os.getpid(), "host": socket.gethostname(),
@@ -267,14 +285,14 @@ class Publisher:
         self._ready.set()
         try:
             self._loop(journal, pub, router, pull)
+        except BaseException as e:  # noqa: BLE001 - the thread is going: say why, to training and in run.json
+            self._bus_died(e, journal.next_seq)
         finally:
             journal.close()
-            self.info.data.update(status=self.status, ended=time.time(), last_seq=journal.next_seq - 1,
-                                  last_step=self.last_step, journal_error=self.journal_error)
-            try:
-                registry.write_json_atomic(self.bus_dir / registry.rank_file(self.rank), self.info.data)
-            except OSError as e:
-                logger.error("could not write the final status to %s: %s", self.bus_dir, e)
+            self.info.data["last_seq"] = journal.next_seq - 1
+            closed = self._closed
+            self._write_final_status(self.status if closed else registry.FAILED)
+            self._final_written = closed
             for s in socks:
                 s.close()
             if auth is not None:
@@ -288,33 +306,79 @@ class Publisher:
                 except OSError:
                     pass
 
+    def _bus_died(self, error: BaseException, next_seq: int) -> None:
+        with self._lock:
+            self._dead = True
+            self._queue.clear()  # nothing will journal or send these; publish() queues no more
+        self._died = (f"the bus thread stopped ({type(error).__name__}: {error}): records from seq {next_seq} on "
+                      "are neither in the journal nor on the stream")
+        logger.critical("%s", self._died, exc_info=error)
+
+    def _write_final_status(self, status: str) -> None:
+        """run.json's last word: the status, and `incomplete` when records were lost."""
+        if self.info is None:
+            return
+        self.info.data.update(status=status, ended=time.time(), last_step=self.last_step,
+                              journal_error=self.journal_error, incomplete=self.incomplete,
+                              bus_errors=self.bus_errors, rejected=dict(self.rejected))
+        try:
+            registry.write_json_atomic(self.bus_dir / registry.rank_file(self.rank), self.info.data)
+        except OSError as e:
+            logger.error("could not write the final status to %s: %s", self.bus_dir, e)
+
     def _loop(self, journal: JournalWriter, pub, router, pull) -> None:
         poller = zmq.Poller()
         poller.register(router, zmq.POLLIN)
         poller.register(pull, zmq.POLLIN)
-        replays: list[_Replay] = []
+        replays = ReplayService(router, self._reject, self._bus_error)
         next_heartbeat = next_flush = time.monotonic()
+        failures = 0
         while True:
-            self._drain(journal, pub)
-            stopping = self._stop.is_set() and not self._queue
-            if stopping:
-                break
-            # Wake every few ms and drain in batches rather than per record: each wake-up takes the GIL from
-            # the training thread, so fewer, larger batches cost it less (live latency stays under ~5 ms).
-            busy = any(r.sendable for r in replays) or len(self._queue) > _BATCH
-            events = dict(poller.poll(0 if busy else (1 if replays else _POLL_MS)))
-            if router in events:
-                self._take_replay_requests(router, journal, pub, replays)
-            if pull in events:
-                self._take_inbox(pull)
-            replays = [r for r in replays if r.pump(router)]
-            now = time.monotonic()
-            if now >= next_flush:
-                self._flush(journal)
-                next_flush = now + self.flush_interval
-            if now >= next_heartbeat:
-                self._heartbeat(pub, journal)
-                next_heartbeat = now + self.heartbeat_interval
+            try:
+                self._drain(journal, pub)
+                if self._stop.is_set() and not self._queue:
+                    break
+                # Wake every few ms and drain in batches rather than per record: each wake-up takes the GIL
+                # from the training thread, so fewer, larger batches cost it less (live latency under ~5 ms).
+                busy = replays.sendable or len(self._queue) > _BATCH
+                events = dict(poller.poll(0 if busy else (1 if replays.active else _POLL_MS)))
+                if router in events:
+                    replays.take_requests(journal, lambda: self._catch_up(journal, pub))
+                if pull in events:
+                    self._take_inbox(pull)
+                replays.pump()
+                now = time.monotonic()
+                if now >= next_flush:
+                    next_flush = now + self.flush_interval
+                    self._flush(journal)
+                if now >= next_heartbeat:
+                    next_heartbeat = now + self.heartbeat_interval
+                    self._heartbeat(pub, journal)
+                failures = 0
+            except Exception as e:  # noqa: BLE001 - a peer or the file system must not end the stream
+                failures += 1
+                self._bus_error(e, "the bus loop")
+                if failures >= MAX_CONSECUTIVE_ERRORS:
+                    raise
+                time.sleep(min(0.005 * 2 ** failures, 0.5))  # a persistent fault: do not spin on it
+
+    def _bus_error(self, error: BaseException, where: str) -> None:
+        """An unexpected error in the bus thread, survived: logged (the first few with a traceback), counted in
+        `bus_errors`, published as a `warning` record (the first MAX_ERROR_WARNINGS)."""
+        self.bus_errors += 1
+        text = f"{type(error).__name__}: {error}"
+        if self.bus_errors <= 3:
+            logger.error("bus thread: unexpected error in %s (the bus goes on): %s", where, text, exc_info=error)
+        if self.bus_errors <= MAX_ERROR_WARNINGS:
+            self._publish_from_bus("warning", {"message": f"the bus thread met an unexpected error in {where} "
+                                                          f"and went on: {text}", "error": text,
+                                               "bus_errors": self.bus_errors, "global_step": self.last_step})
+
+    def _catch_up(self, journal: JournalWriter, pub) -> int | None:
+        """Before a replay is served: everything published so far into the journal. Returns `lost_from`."""
+        while self._drain(journal, pub):
+            pass
+        return self.lost_from
 
     def _drain(self, journal: JournalWriter, pub) -> int:
         """Journal every queued record, flush once, then send them live: a subscriber never holds a record
@@ -328,14 +392,10 @@ class Publisher:
                 continue
             if len(item) == 3:  # from publish(): encoded here, once its values are ready
                 ready, seq, fields = item
-                if not ready():
-                    if not self._stop.is_set():
-                        break  # look again on the next loop; records behind it wait, keeping seq order
-                    _wait_until(ready, timeout=5.0)
-                event, data = fields[1], self._encode_queued(seq, fields)
-                release = getattr(ready, "release", None)
-                if release is not None:
-                    release()  # the values are encoded: their buffers may be reused
+                data = self._encode_when_ready(ready, seq, fields)
+                if data is None:
+                    break  # look again on the next loop; records behind it wait, keeping seq order
+                event = fields[1]
             else:
                 event, data = item
             self._queue.popleft()
@@ -352,6 +412,24 @@ class Publisher:
             except zmq.Again:
                 pass  # PUB drops for a subscriber over its HWM; it repairs the gap from the journal
         return len(batch)
+
+    def _encode_when_ready(self, ready: Callable[[], bool], seq: int, fields: tuple) -> bytes | None:
+        """The encoded record, or None while its values are not ready. Never raises: a value whose copy or
+        conversion fails goes out at its seq with an `error`, so one bad record cannot stop the stream."""
+        try:
+            if not ready():
+                if not self._stop.is_set():
+                    return None
+                _wait_until(ready, timeout=5.0)
+            data = self._encode_queued(seq, fields)
+            release = getattr(ready, "release", None)
+            if release is not None:
+                release()  # the values are encoded: their buffers may be reused
+            return data
+        except Exception as e:  # noqa: BLE001 - see the docstring
+            self._bus_error(e, f"encoding record seq {seq}")
+            return _encode.error_record(self.run_id, self.rank, seq, fields,
+                                        f"cannot encode the record: {type(e).__name__}: {e}")
 
     def _journal_append(self, journal: JournalWriter, data: bytes) -> None:
         if journal.failed is not None:
@@ -375,21 +453,14 @@ class Publisher:
                                            "lost_from": self.lost_from, "global_step": self.last_step})
 
     def _encode_queued(self, seq: int, fields: tuple) -> bytes:
-        timestamp, event, global_step, epoch, metrics, extra = fields
-        record = {"v": records.SCHEMA_VERSION, "run": self.run_id, "rank": self.rank, "seq": seq,
-                  "timestamp": datetime.fromtimestamp(timestamp, timezone.utc), "event": event,
-                  "global_step": global_step, "epoch": epoch, "metrics": metrics if metrics is not None else {}}
-        if extra:
-            record.update(extra)
         try:
-            return records.encode(record)
+            return _encode.queued_record(self.run_id, self.rank, seq, fields)
         except records.EncodeError as e:
             if str(e) not in self._encode_errors:  # once per distinct error, not once per step
                 self._encode_errors.add(str(e))
                 logger.error("record %s seq %d could not be encoded (published without its metrics): %s",
-                             event, seq, e)
-            keep = {k: record[k] for k in ("v", "run", "rank", "seq", "timestamp", "event", "global_step", "epoch")}
-            return records.encode({**keep, "metrics": {}, "error": str(e)})
+                             fields[1], seq, e)
+            return _encode.error_record(self.run_id, self.rank, seq, fields, str(e))
 
     def _flush(self, journal: JournalWriter, durable: bool = False) -> None:
         if journal.failed is not None:
@@ -406,99 +477,48 @@ class Publisher:
             pub.send_multipart(records.frames(records.HEARTBEAT, records.encode(beat)), flags=zmq.NOBLOCK)
         except zmq.Again:
             pass
+        self._check_journal_path(journal)
         self.info.data.update(last_seq=journal.next_seq - 1, last_step=self.last_step, heartbeat=time.time(),
-                              journal_error=self.journal_error)
+                              journal_error=self.journal_error, incomplete=self.incomplete,
+                              bus_errors=self.bus_errors, rejected=dict(self.rejected))
+        path = self.bus_dir / registry.rank_file(self.rank)
         try:
-            registry.write_json_atomic(self.bus_dir / registry.rank_file(self.rank), self.info.data)
+            registry.write_json_atomic(path, self.info.data)
+            self._status_write_failed = False
         except OSError as e:
-            logger.warning("could not update %s: %s", self.bus_dir / registry.rank_file(self.rank), e)
+            if not self._status_write_failed:  # once until it works again, not every second
+                logger.warning("could not update %s: %s", path, e)
+            self._status_write_failed = True
 
-    def _take_replay_requests(self, router, journal: JournalWriter, pub, replays: list) -> None:
-        while True:
-            try:
-                parts = router.recv_multipart(flags=zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            if len(parts) != 2:
-                self._reject("replay-frame-count", f"replay request with {len(parts)} frames refused "
-                                                   "(expected [identity, request])")
-                continue
-            identity, body = parts
-            try:
-                request = orjson.loads(body)
-                op = request.get("op")
-                start = request.get("from")
-                if op not in ("replay", "position") or (op == "replay" and (type(start) is not int or start < 0)):
-                    raise ValueError(body[:80])
-            except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError):
-                self._reject("replay-malformed", f"malformed replay request refused: {body[:80]!r}")
-                _send_reply(router, identity, b"error", b'{"reason":"malformed replay request"}')
-                continue
-            while self._drain(journal, pub):  # everything published so far is in the journal
-                pass
-            end = journal.next_seq
-            start = end if op == "position" else min(start, end)  # "position": where "now" is, no records
-            stop = end if self.lost_from is None else min(end, self.lost_from)
-            lost_from = self.lost_from if self.lost_from is not None and start < end and stop < end else None
-            replays.append(_Replay(identity, journal.read_chunks(min(start, stop), stop), end, lost_from))
+    def _check_journal_path(self, journal: JournalWriter) -> None:
+        """The journal's file deleted (or moved away) while the run goes on: replay goes on from the open
+        handle; put the file back at its path from that handle if we can; say so once either way."""
+        if self._journal_lost is not None or not journal.path_lost():
+            return
+        self._flush(journal)  # what is buffered goes into the copy (a write error is handled as ever)
+        try:
+            journal.restore()
+        except OSError as e:
+            self._journal_lost = (f"the journal {journal.path} was deleted during the run and could not be "
+                                  f"restored ({type(e).__name__}: {e})")
+            message = (f"{self._journal_lost}; replay is still served from the open file, but the journal is "
+                       "gone once the run ends")
+            logger.error("%s", message)
+        else:
+            message = (f"the journal {journal.path} was deleted during the run; it was restored at its path from "
+                       "the open file, no record lost")
+            logger.warning("%s", message)
+        self._publish_from_bus("warning", {"message": message, "journal": str(journal.path),
+                                           "restored": self._journal_lost is None, "global_step": self.last_step})
 
     def _take_inbox(self, pull) -> None:
-        for _ in range(1000):
-            try:
-                parts = pull.recv_multipart(flags=zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            self._handle_inbox(parts)
+        _inbox.take(self, pull, loopback_only=self._loopback_only)
 
     def _reject(self, reason: str, detail: str) -> None:
         """Count a refused message by reason; log the first few of each reason (a flood must not flood the log)."""
         self.rejected[reason] += 1
         if self.rejected[reason] <= 3:
             logger.warning("%s%s", detail, " (further ones are counted, not logged)" if self.rejected[reason] == 3 else "")
-
-    def _handle_inbox(self, parts: list[bytes]) -> None:
-        """One message from a sink or `fg-bus ctl`: a control command (answered with a `control` record, since
-        its sender waits for one) or a record to publish (refused ones are counted and logged)."""
-        try:
-            if len(parts) != 1:
-                raise ValueError(f"expected 1 frame, got {len(parts)}")
-            message = orjson.loads(parts[0])
-            if not isinstance(message, dict):
-                raise ValueError("not a JSON object")
-        except (ValueError, orjson.JSONDecodeError) as e:
-            self._reject("inbox-malformed", f"inbox: malformed message refused: {e}")
-            return
-        op = message.get("op")
-        if op == "control":
-            cmd, request_id = message.get("cmd"), str(message.get("id", ""))[:64]
-            if cmd not in CONTROL_COMMANDS:
-                reason = f"unknown command {str(cmd)[:40]!r}; known: {', '.join(CONTROL_COMMANDS)}"
-                self._reject("inbox-unknown-command", f"inbox: {reason}")
-                self._publish_from_bus(records.CONTROL, {"cmd": str(cmd)[:40], "id": request_id, "accepted": False,
-                                                         "reason": reason, "global_step": self.last_step})
-                return
-            self._control.append({"cmd": cmd, "id": request_id, "source": str(message.get("source", ""))[:80]})
-            self._publish_from_bus(records.CONTROL, {"cmd": cmd, "id": request_id, "accepted": True,
-                                                     "global_step": self.last_step})
-        elif op == "record":
-            event = message.get("event")
-            if not isinstance(event, str) or not event or event in (records.END, records.HEARTBEAT, records.CONTROL):
-                self._reject("inbox-event-refused", f"inbox: a record with event {str(event)[:40]!r} refused")
-                return
-            fields = {k: v for k, v in message.items() if k not in ("op", "v", "run", "rank", "seq", "timestamp")}
-            try:  # what the sinks will check, checked here: a bad record never reaches the journal
-                records.validate({"v": records.SCHEMA_VERSION, "run": self.run_id, "rank": self.rank, "seq": 0,
-                                  "timestamp": "", "event": event, **fields}, restore=False)
-                step = fields.get("global_step")
-                if step is not None and (type(step) is not int or step < 0):
-                    raise records.RecordError("bad-field", f"global_step must be an integer >= 0, got {step!r}")
-            except records.RecordError as e:
-                self._reject("inbox-" + e.reason, f"inbox: a {event[:40]!r} record refused: {e}")
-                return
-            self._publish_from_bus(event, fields)
-            self.received[event] += 1
-        else:
-            self._reject("inbox-unknown-op", f"inbox: unknown op {str(op)[:40]!r} refused")
 
 
 def ready_now() -> bool:
@@ -511,47 +531,3 @@ def _wait_until(ready: Callable[[], bool], timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while not ready() and time.monotonic() < deadline:
         time.sleep(0.001)
-
-
-def _send_reply(router, identity: bytes, kind: bytes, body: bytes) -> str:
-    """Send one reply without blocking: "sent", "full" (the client's queue is full: retry later) or
-    "gone" (the client disconnected)."""
-    try:
-        router.send_multipart([identity, kind, body], flags=zmq.NOBLOCK)
-        return "sent"
-    except zmq.Again:
-        return "full"
-    except zmq.ZMQError as e:
-        if e.errno == zmq.EHOSTUNREACH:
-            return "gone"
-        raise
-
-
-class _Replay:
-    """One client's replay in progress: journal chunks, then `done` with the next seq. Paced by the
-    client's queue (ROUTER_MANDATORY: a full queue says EAGAIN, and the rest waits for the next loop)."""
-
-    def __init__(self, identity: bytes, chunks, end_seq: int, lost_from: int | None = None):
-        self.identity = identity
-        self.chunks = chunks
-        self.end_seq = end_seq
-        self.done = {"next_seq": end_seq} if lost_from is None else {"next_seq": end_seq, "lost_from": lost_from}
-        self.pending: bytes | None = None
-        self.sendable = True  # False while the client's queue is full: the loop then waits, not spins
-
-    def pump(self, router) -> bool:
-        """Send what the client will take now; False when this replay is over (done, or client gone)."""
-        self.sendable = True
-        for _ in range(16):
-            if self.pending is None:
-                self.pending = next(self.chunks, None)
-            if self.pending is None:
-                result = _send_reply(router, self.identity, b"done", orjson.dumps(self.done))
-                self.sendable = False
-                return result == "full"
-            result = _send_reply(router, self.identity, b"chunk", self.pending)
-            if result != "sent":
-                self.sendable = False
-                return result == "full"
-            self.pending = None
-        return True

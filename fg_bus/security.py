@@ -10,9 +10,11 @@ on the 0700 socket directory instead.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import shutil
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +24,49 @@ import zmq.auth
 from .registry import fg_home, private_dir
 
 logger = logging.getLogger(__name__)
+
+
+class InsecureBus(ValueError):
+    """A tcp bus on a non-loopback address without CURVE keys, not asked for by name."""
+
+
+def insecure_bus_message(tcp: str) -> str:
+    return (f"--bus-tcp {tcp} would let anyone who can reach this host read the run, replay its journal (args, "
+            "host, paths) and send it records and commands: there are no CURVE keys. Run `fg-bus keys` (then "
+            "only clients with an authorized key connect), bind a loopback address (127.0.0.1:PORT), or pass "
+            "--insecure to accept the risk")
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether a bind host reaches this machine only: "localhost", a loopback address, or a name every
+    address of which is loopback. "0.0.0.0", "*" and a name that does not resolve are not."""
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    if host in ("", "*"):
+        return False
+    try:
+        ipaddress.ip_address(host)
+        return is_loopback_address(host)
+    except ValueError:
+        pass
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except (OSError, UnicodeError):
+        return False
+    return bool(addresses) and all(is_loopback_address(a) for a in addresses)
+
+
+def is_loopback_address(address: str | None) -> bool:
+    """Whether a peer's address (ZeroMQ's Peer-Address property, an IP) is a loopback one."""
+    if address is None:
+        return False
+    try:
+        ip = ipaddress.ip_address(address.split("%")[0].strip("[]"))
+    except ValueError:
+        return False
+    mapped = getattr(ip, "ipv4_mapped", None)  # ::ffff:127.0.0.1, from a dual-stack socket
+    return (mapped or ip).is_loopback
 
 
 def keys_dir() -> Path:
@@ -91,3 +136,18 @@ def make_client(sock: zmq.Socket, server_public: bytes, keys: ClientKeys | None 
     sock.curve_secretkey = keys.secret
     sock.curve_publickey = keys.public
     sock.curve_serverkey = server_public
+
+
+def check_tcp(tcp: str | None, insecure: bool) -> None:
+    """A tcp bus beyond loopback needs CURVE keys: raise InsecureBus without them, unless `insecure` (then
+    warn loudly: the inbox is then bound on 127.0.0.1 only, and refuses non-loopback peers)."""
+    if tcp is None:
+        return
+    host = tcp.rpartition(":")[0] or "127.0.0.1"
+    if is_loopback_host(host) or server_keys() is not None:
+        return
+    if not insecure:
+        raise InsecureBus(insecure_bus_message(tcp))
+    logger.warning("INSECURE BUS: %s has no CURVE keys (--insecure): anyone who can reach this host can read the "
+                   "run's records and replay its journal. Commands and records are taken from this host only "
+                   "(the inbox listens on 127.0.0.1). Run `fg-bus keys` to require a key.", tcp)

@@ -273,6 +273,9 @@ def check_network(compose: dict) -> list[str]:
             problems.append(f"{TRAINER}: no --bus-tcp: the bus would be ipc sockets, invisible to other containers")
         else:
             host, _, port = trainer.bus_tcp.rpartition(":")
+            if host in ("0.0.0.0", "*") and not trainer.insecure:
+                problems.append(f"{TRAINER}: --bus-tcp {trainer.bus_tcp} without CURVE keys: fg-train refuses it "
+                                "unless --insecure says the compose network is trusted")
             if host not in ("0.0.0.0", "*"):
                 # Only then does run.json advertise the hostname; any other host is advertised as given.
                 problems.append(f"{TRAINER}: --bus-tcp {trainer.bus_tcp} does not bind all interfaces, so run.json "
@@ -490,7 +493,7 @@ MUTATIONS = [
     ("volumes", "tb logdir mismatch", _cmd("tensorboard", "/runs/tb", "/runs/tensorboard")),
     ("volumes", "tb-sink logdir off the volume", _cmd("tb-sink", "/runs/tb", "/tmp/tb")),
     ("volumes", "json out off the volume", _cmd("json-sink", "/runs/json/{run}.jsonl", "/data/{run}.jsonl")),
-    ("volumes", "json out unknown placeholder", _cmd("json-sink", "/runs/json/{run}.jsonl", "/runs/{name}.jsonl")),
+    ("arguments", "json out unknown placeholder", _cmd("json-sink", "/runs/json/{run}.jsonl", "/runs/{name}.jsonl")),
     ("volumes", "json out escaping the volume", _cmd("json-sink", "/runs/json/{run}.jsonl", "/runs/../x.jsonl")),
     ("volumes", "trainer output off the volume", _cmd("trainer", "/runs/default", "/out")),
     ("volumes", "trainer output relative", _cmd("trainer", "/runs/default", "runs/default")),
@@ -507,6 +510,8 @@ MUTATIONS = [
     ("network", "tensorboard listens elsewhere", _cmd("tensorboard", "6006", "6007")),
     ("network", "tensorboard on localhost only", _cmd("tensorboard", "0.0.0.0", "127.0.0.1")),
     ("network", "inbox port not exposed", _set("trainer", "expose", ["5555", "5556"])),
+    ("network", "bus on all interfaces without --insecure", lambda c: c["services"]["trainer"]["command"].remove(
+        "--insecure")),
     ("network", "bus port moved", _cmd("trainer", "0.0.0.0:5555", "0.0.0.0:6000")),
     ("network", "bus on loopback", _cmd("trainer", "0.0.0.0:5555", "127.0.0.1:5555")),
     ("network", "bus ports published", _set("trainer", "ports", ["5555:5555"])),

@@ -139,12 +139,14 @@ class _PinnedRing:
 
 class BusCallback(TrainerCallback):
     """Publishes every event; `run_name` names the run (default: args.run_name, else the output dir's name);
-    `tcp="HOST:PORT"` binds tcp endpoints instead of private ipc sockets; `meta` adds to on_train_begin's meta."""
+    `tcp="HOST:PORT"` binds tcp endpoints instead of private ipc sockets (beyond loopback it needs CURVE keys,
+    or `insecure=True`: see `Publisher`); `meta` adds to on_train_begin's meta."""
 
     def __init__(self, run_name: str | None = None, tcp: str | None = None, meta: dict | None = None,
-                 rank: int | None = None, world_size: int | None = None):
+                 rank: int | None = None, world_size: int | None = None, insecure: bool = False):
         self.run_name = run_name
         self.tcp = tcp
+        self.insecure = insecure
         self.extra_meta = dict(meta or {})
         self.rank = rank
         self.world_size = world_size
@@ -167,7 +169,7 @@ class BusCallback(TrainerCallback):
             rank = self.rank if self.rank is not None else int(os.environ.get("RANK", 0))
             world = self.world_size if self.world_size is not None else int(os.environ.get("WORLD_SIZE", 1))
             self.publisher = Publisher(bus_dir, run_id, rank=rank, world_size=world, name=name,
-                                       tcp=_tcp_for_local_rank(self.tcp)).start()
+                                       tcp=_tcp_for_local_rank(self.tcp), insecure=self.insecure).start()
             _ACTIVE.append(self)
             logger.info("publishing run %s (%s)", run_id, bus_dir)
         return self.publisher
