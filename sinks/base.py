@@ -8,6 +8,11 @@ Optional hooks: `open_run(info)` is called when a run is attached and returns wh
 for that run ends (the next seq it needs: an int for rank 0, or a dict by rank), so a restarted sink
 continues without a duplicate or a hole;
 `end_run(status)` when the run's stream is over. A sink never sees sockets: tests feed it records.
+
+A full disk: when `handle` raises an OSError for one (ENOSPC, EDQUOT, EFBIG), the runner says so and tries
+again every second, until it goes through, by calling the sink's `retry_write()` if it has one (a sink that
+keeps what it could not write, like json and tb), else `handle(record)` again. Any other OSError stops the
+sink (exit 8) with the command that resumes it.
 """
 
 from __future__ import annotations

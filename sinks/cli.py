@@ -9,11 +9,14 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import math
 import os
+import string
 import sys
 
 from fg_bus import registry
 
+from ._output import SafeFormatter, printable, umask_for
 from .base import NullSink, Sink
 from .json_sink import DEFAULT_OUT, JsonSink
 from .runner import run_sink
@@ -30,17 +33,72 @@ examples:
   fg-sink my_pkg.sinks:WandbSink --option project=demo
   fg-sink tb --ranks all              a torchrun job: every rank's figures (RUN/rank1, ...), not rank 0's only
 Started before fg-train, a sink waits for the run. Restarted, it continues where its output ends.
+Its files are private (0600, directories 0700) unless --group-readable; one sink writes an output at a time.
+exit status: 0 the run ended and the output is complete; 2 bad arguments or an output that cannot be used;
+  3 the trainer died; 4 no run started within --wait; 5 records are missing from the output; 7 another sink
+  is writing this output; 8 a write failed (the command that resumes is printed); 128+N stopped by signal N
 """
 
 BUILTIN = ("json", "tb", "textgen", "tail", "null")
 
 
+MAX_SEQ = (1 << 63) - 1  # seqs are 63-bit: what every JSON reader and the journal's integers hold
+PLACEHOLDERS = ("run", "output_dir")
+
+
 def _from(text: str) -> int | str:
     if text in ("start", "now"):
         return text
-    if text.isdigit():
+    if text.isascii() and text.isdigit():
+        if int(text) > MAX_SEQ:
+            raise argparse.ArgumentTypeError(f"seq {text} is beyond the largest seq, {MAX_SEQ} (2**63 - 1)")
         return int(text)
     raise argparse.ArgumentTypeError(f"expected start, now or a seq number, got {text!r}")
+
+
+def _seconds(text: str, positive: bool = False) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0 or (positive and value == 0):
+        wanted = "a number of seconds above 0" if positive else "a number of seconds, 0 or more"
+        raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}")
+    return value
+
+
+def _positive_seconds(text: str) -> float:
+    return _seconds(text, positive=True)
+
+
+def _nice(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 19:
+        raise argparse.ArgumentTypeError(f"expected 0 to 19 (how much to lower this process's priority; from "
+                                         f"--nice or $FG_SINK_NICE), got {text!r}")
+    return value
+
+
+def _template(text: str) -> str:
+    """An output path whose only placeholders are {run} and {output_dir}."""
+    known = ", ".join("{" + name + "}" for name in PLACEHOLDERS)
+    try:
+        fields = [field for _, field, _, _ in string.Formatter().parse(text) if field is not None]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: {e} (write {{{{ and }}}} for a literal brace; the "
+                                         f"placeholders are {known})") from None
+    unknown = [field for field in fields if field not in PLACEHOLDERS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"{text!r}: unknown placeholder {{{unknown[0]}}}; the placeholders are "
+                                         f"{known}")
+    try:
+        text.format(run="run", output_dir="out")
+    except (ValueError, KeyError, IndexError) as e:  # a format spec such as {run:d}
+        raise argparse.ArgumentTypeError(f"{text!r}: {e}; the placeholders are {known}, with no format") from None
+    return text
 
 
 def _ranks(text: str) -> str:
@@ -65,21 +123,25 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--from", dest="start", type=_from, default="start", metavar="start|now|SEQ",
                    help="start: the whole history, or where this sink's output ends (default); now: new records only")
     p.add_argument("--follow", action="store_true", help="after the run ends, stay for the next runs")
-    p.add_argument("--wait", type=float, metavar="S", help="give up if no run starts within S seconds")
-    p.add_argument("--dead-after", type=float, default=5.0, metavar="S",
-                   help="declare the trainer dead after S seconds without a heartbeat (default 5)")
-    p.add_argument("--nice", type=int, default=int(os.environ.get("FG_SINK_NICE", 10)), metavar="N",
+    p.add_argument("--wait", type=_seconds, metavar="S", help="give up if no run starts within S seconds")
+    p.add_argument("--dead-after", type=_positive_seconds, default=5.0, metavar="S",
+                   help="declare the trainer dead after S seconds without a heartbeat (default 5; above 0)")
+    # A string default goes through type=, so a bad $FG_SINK_NICE is an argument error, not a traceback.
+    p.add_argument("--nice", type=_nice, default=os.environ.get("FG_SINK_NICE", "10"), metavar="N",
                    help="lower this process's CPU priority by N (default 10, or $FG_SINK_NICE): on a machine shared "
                         "with training, the training step wins the CPU; 0 keeps it as started")
+    p.add_argument("--group-readable", action="store_true",
+                   help="make the files this sink writes readable by the group (0640, directories 0750); by "
+                        "default they are private to you (0600, 0700), like the run's journal")
     p.add_argument("--ranks", type=_ranks, metavar="0|all|LIST",
                    help="which ranks of a torchrun job to follow: 0, all, or a list such as 0,2 (default: all for "
                         "json, 0 for the others; textgen follows rank 0 only)")
     json_opts = p.add_argument_group("json")
-    json_opts.add_argument("--out", default=DEFAULT_OUT, help=f"output file; {{run}} and {{output_dir}} are "
-                                                              f"replaced (default {DEFAULT_OUT})")
+    json_opts.add_argument("--out", type=_template, default=DEFAULT_OUT,
+                           help=f"output file; {{run}} and {{output_dir}} are replaced (default {DEFAULT_OUT})")
     tb_opts = p.add_argument_group("tb")
-    tb_opts.add_argument("--logdir", default=DEFAULT_LOGDIR, help=f"TensorBoard log directory; each run gets a "
-                                                                   f"subdirectory (default {DEFAULT_LOGDIR})")
+    tb_opts.add_argument("--logdir", type=_template, default=DEFAULT_LOGDIR,
+                         help=f"TensorBoard log directory; each run gets a subdirectory (default {DEFAULT_LOGDIR})")
     gen = p.add_argument_group("textgen")
     gen.add_argument("--prompt", action="append", help="a prompt (repeatable; default 'The ')")
     gen.add_argument("--device", default="cpu", help="where to generate (default cpu: the GPU stays the trainer's)")
@@ -110,9 +172,9 @@ def build_sink(opts) -> Sink:
 
 def _build(opts) -> Sink:
     if opts.kind == "json":
-        return JsonSink(out=opts.out)
+        return JsonSink(out=opts.out, group_readable=opts.group_readable)
     if opts.kind == "tb":
-        return TensorBoardSink(logdir=opts.logdir)
+        return TensorBoardSink(logdir=opts.logdir, group_readable=opts.group_readable)
     if opts.kind == "tail":
         return TailSink(events=opts.events.split(",") if opts.events else None, as_json=opts.json)
     if opts.kind == "null":
@@ -167,20 +229,25 @@ class _Adapted(Sink):
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     opts = parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(SafeFormatter("%(levelname)s %(name)s: %(message)s"))  # messages may quote records
+    logging.basicConfig(level=logging.WARNING, handlers=[handler])
+    # Private by default, like the journal: this covers files a library or a user sink creates, too.
+    os.umask(umask_for(opts.group_readable))
     if opts.nice:
         os.nice(opts.nice)  # a sink is background work: never compete with the training step for a core
     try:
         sink = build_sink(opts)
     except ValueError as e:
-        print(f"fg-sink: error: {e}", file=sys.stderr)
+        print(printable(f"fg-sink: error: {e}"), file=sys.stderr)
         return 2
     try:
         return run_sink(sink, run=opts.run, start=opts.start, follow=opts.follow, wait=opts.wait,
-                        dead_after=opts.dead_after)
+                        dead_after=opts.dead_after, argv=argv)
     except (registry.RunNotFound, ValueError) as e:  # ValueError: --ranks beyond the run's world size
-        print(f"fg-sink: error: {e}", file=sys.stderr)
+        print(printable(f"fg-sink: error: {e}"), file=sys.stderr)
         return 2
 
 

@@ -11,6 +11,10 @@ scalar). A sidecar, `fg-position.json`, records the event file's size and the ne
 a restarted sink truncates the file to that size and continues from that seq, with no duplicate and no
 hole. For a torchrun job, rank 0's figures are written by default; `--ranks all` adds each other rank's
 in `RUN/rankN/` (its own event file and sidecar).
+
+One writer per run directory: `fg-sink.lock` in it (holding the writer's pid) refuses a second sink.
+Files are 0600 and the directories it creates 0700 (0640/0750 with `group_readable`). A write that fails
+for a full disk keeps the bytes, and `retry_write()` writes them (and the sidecar) when space returns.
 """
 
 from __future__ import annotations
@@ -30,12 +34,15 @@ from tensorboard.plugins.text.summary_v2 import text_pb
 from fg_bus import records
 from fg_bus.registry import RunInfo, write_json_atomic
 
+from ._output import AppendFile, OutputError, OutputLock, dir_mode, file_mode, make_dirs
 from .base import Sink, expand
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_LOGDIR = "{output_dir}/tb"
 POSITION_FILE = "fg-position.json"
+LOCK_FILE = "fg-sink.lock"
+_EVENT_PREFIX = "events.out.tfevents."
 _SKIP = {"epoch", "total_flos"}
 
 
@@ -56,13 +63,12 @@ def _framed(data: bytes) -> bytes:
 class EventFile:
     """An append-only TensorBoard event file written directly (no queue, no thread)."""
 
-    def __init__(self, path: Path, truncate_to: int | None = None):
+    def __init__(self, path: Path, truncate_to: int | None = None, mode: int = 0o600):
         self.path = path
         new = not path.exists()
-        self._file = open(path, "ab")
+        self._file = AppendFile(path, mode)
         if truncate_to is not None:
             self._file.truncate(truncate_to)
-            self._file.seek(0, os.SEEK_END)  # truncate() does not move the position tell() reports
         if new:
             event = event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2")
             self._file.write(_framed(event.SerializeToString()))
@@ -71,13 +77,10 @@ class EventFile:
         self._file.write(_framed(event.SerializeToString()))
 
     def flush(self) -> int:
-        self._file.flush()
-        return self._file.tell()
+        return self._file.flush()
 
     def sync(self) -> int:
-        size = self.flush()
-        os.fsync(self._file.fileno())
-        return size
+        return self._file.sync()
 
     def close(self) -> None:
         self._file.close()
@@ -87,22 +90,36 @@ class _RankLog:
     """One rank's event file and sidecar: rank 0 in the run's directory, rank N in its `rankN/` below it
     (TensorBoard lists that as a run of its own, RUN/rankN)."""
 
-    def __init__(self, run_dir: Path, flush_secs: float):
+    def __init__(self, run_dir: Path, flush_secs: float, group_readable: bool = False):
         self.run_dir = run_dir
         self.flush_secs = flush_secs
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.mode = file_mode(group_readable)
+        make_dirs(self.run_dir, dir_mode(group_readable))
         self.events: EventFile | None = None
         self.next_seq = 0
         self.last_flush = time.monotonic()
+        self._lock: OutputLock | None = None
 
     def open(self) -> int | None:
-        """Resume from the sidecar (returns the next seq), or start a new event file (returns None)."""
+        """Lock the directory, then resume from the sidecar (returns the next seq), or start a new event file
+        (returns None)."""
+        self._lock = OutputLock(self.run_dir / LOCK_FILE, f"the TensorBoard run {self.run_dir}", self.mode).acquire()
+        try:
+            return self._open()
+        except OSError as e:
+            self.release()
+            raise OutputError(f"cannot write the TensorBoard run {self.run_dir}: {e}") from None
+        except OutputError:
+            self.release()
+            raise
+
+    def _open(self) -> int | None:
         position_path = self.run_dir / POSITION_FILE
         if position_path.exists():
-            position = json.loads(position_path.read_text())
+            position = _read_position(position_path)
             events_path = self.run_dir / position["file"]
             if events_path.exists() and events_path.stat().st_size >= position["size"]:
-                self.events = EventFile(events_path, truncate_to=position["size"])
+                self.events = EventFile(events_path, truncate_to=position["size"], mode=self.mode)
                 self.next_seq = position["next_seq"]
                 return self.next_seq
             logger.warning("%s: the event file %s is missing or shorter than recorded; writing the run anew",
@@ -110,9 +127,9 @@ class _RankLog:
             if events_path.exists():
                 events_path.rename(events_path.with_name(events_path.name + ".broken"))
         name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}.fg"
-        self.events = EventFile(self.run_dir / name)
+        self.events = EventFile(self.run_dir / name, mode=self.mode)
         self.next_seq = 0
-        self._save_position(self.events.flush())
+        self.flush()
         return None
 
     def write(self, event, seq: int, durable: bool) -> None:
@@ -124,22 +141,43 @@ class _RankLog:
         elif time.monotonic() - self.last_flush > self.flush_secs:
             self.flush()
 
-    def _save_position(self, size: int) -> None:
+    def flush(self, durable: bool = False, events: EventFile | None = None) -> None:
+        events = events or self.events
+        size = events.sync() if durable else events.flush()
         write_json_atomic(self.run_dir / POSITION_FILE,
-                          {"file": self.events.path.name, "size": size, "next_seq": self.next_seq})
-
-    def flush(self, durable: bool = False) -> None:
-        size = self.events.sync() if durable else self.events.flush()
-        self._save_position(size)
+                          {"file": events.path.name, "size": size, "next_seq": self.next_seq})
         self.last_flush = time.monotonic()
 
     def close(self) -> None:
-        if self.events is not None:
-            try:
-                self.flush(durable=True)
-            finally:
-                self.events.close()
-                self.events = None
+        try:
+            if self.events is not None:
+                events, self.events = self.events, None
+                try:
+                    self.flush(durable=True, events=events)
+                finally:
+                    events.close()
+        finally:
+            self.release()
+
+    def release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+
+def _read_position(path: Path) -> dict:
+    """The sidecar, checked: it names an event file in its own directory, so a resume truncates nothing else."""
+    try:
+        position = json.loads(path.read_text(encoding="utf-8"))
+        name, size, next_seq = position["file"], position["size"], position["next_seq"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise OutputError(f"{path} is not a position file fg-sink tb wrote ({type(e).__name__}: {e}); move the "
+                          "run's directory away to write it anew") from None
+    if (type(name) is not str or not name.startswith(_EVENT_PREFIX) or "/" in name or name != Path(name).name
+            or type(size) is not int or size < 0 or type(next_seq) is not int or next_seq < 0):
+        raise OutputError(f"{path} names {name!r} at size {size!r}, seq {next_seq!r}: not an event file of this "
+                          "directory; move the run's directory away to write it anew")
+    return position
 
 
 class TensorBoardSink(Sink):
@@ -148,10 +186,12 @@ class TensorBoardSink(Sink):
 
     kind = "tb"
 
-    def __init__(self, logdir: str = DEFAULT_LOGDIR, flush_secs: float = 2.0, ranks: str = "0"):
+    def __init__(self, logdir: str = DEFAULT_LOGDIR, flush_secs: float = 2.0, ranks: str = "0",
+                 group_readable: bool = False):
         self.logdir_template = logdir
         self.flush_secs = flush_secs
         self.ranks = ranks
+        self.group_readable = group_readable
         self.run_dir: Path | None = None
         self.logs: dict[int, _RankLog] = {}
         self.scalars_written = 0
@@ -172,7 +212,7 @@ class TensorBoardSink(Sink):
         positions = {}
         for rank in ranks_to_follow(self.ranks, info):
             log = self.logs[rank] = _RankLog(self.run_dir if rank == 0 else self.run_dir / f"rank{rank}",
-                                             self.flush_secs)
+                                             self.flush_secs, self.group_readable)
             position = log.open()
             if position is not None:
                 positions[rank] = position
@@ -217,10 +257,21 @@ class TensorBoardSink(Sink):
             if log.events is not None:
                 log.flush(durable=True)
 
+    def retry_write(self) -> None:
+        """After a full disk: write what is still held, and the sidecars (raises OSError while there is no room)."""
+        self.end_run("")
+
     def _close_logs(self) -> None:
+        """Close every rank's log (each releases its lock), then raise the first error, if any."""
         logs, self.logs = self.logs, {}
+        error: OSError | None = None
         for log in logs.values():
-            log.close()
+            try:
+                log.close()
+            except OSError as e:
+                error = error or e
+        if error is not None:
+            raise error
 
     def close(self) -> None:
         self._close_logs()

@@ -20,6 +20,7 @@ import zmq
 from fg_bus import security
 from fg_bus.registry import RunInfo
 
+from ._output import printable
 from .base import Sink
 
 logger = logging.getLogger(__name__)
@@ -139,7 +140,8 @@ class TextgenSink(Sink):
     def _send(self, message: dict) -> None:
         if self._push is None:
             shown = repr(message["text"]) if message["text"] is not None else f"skipped ({message.get('skipped')})"
-            print(f"[step {message['global_step']}] {message['prompt']!r} -> {shown}", file=sys.stdout, flush=True)
+            print(printable(f"[step {message['global_step']}] {message['prompt']!r} -> {shown}"), file=sys.stdout,
+                  flush=True)
             return
         self._push.send(orjson.dumps(message))
 

@@ -169,6 +169,12 @@ def read_position(run_dir: Path) -> dict:
     return json.loads((run_dir / POSITION_FILE).read_text())
 
 
+def kill(sink: TensorBoardSink) -> None:
+    """What a killed sink leaves: its event file as written, no close(); the kernel drops its lock."""
+    sink.events.close()
+    sink.logs[0].release()
+
+
 def test_position_sidecar_follows_every_flush(tmp_path):
     info = make_info(tmp_path)
     sink = TensorBoardSink(logdir=str(tmp_path / "tb"), flush_secs=0)
@@ -232,7 +238,7 @@ def test_crash_resume_truncates_to_the_position_without_duplicates(tmp_path):
         first.handle(r)
     position = read_position(run_dir)
     assert position["next_seq"] == k + 1
-    first.events.close()  # killed: no close(), but everything written had been flushed
+    kill(first)  # no close(), but everything written had been flushed
 
     # 2. a restarted sink writes a few more records but dies before its next position flush
     second = TensorBoardSink(logdir=str(tmp_path / "tb"), flush_secs=3600)
@@ -243,7 +249,7 @@ def test_crash_resume_truncates_to_the_position_without_duplicates(tmp_path):
     event_file = run_dir / position["file"]
     assert read_position(run_dir) == position
     assert event_file.stat().st_size > position["size"]
-    second.events.close()  # killed
+    kill(second)
 
     # 3. the next restart truncates to the sidecar's size and continues from its seq
     third = TensorBoardSink(logdir=str(tmp_path / "tb"), flush_secs=0)
@@ -282,13 +288,13 @@ def crash_with_unrecorded_bytes(tmp_path: Path, info: RunInfo, recs: list[dict],
     first.open_run(info)
     for r in recs[:k + 1]:
         first.handle(r)
-    first.events.close()  # killed
+    kill(first)
     second = TensorBoardSink(logdir=str(tmp_path / "tb"), flush_secs=3600)
     second.open_run(info)
     for r in recs[k + 1:k + 4]:
         second.handle(r)
     second.events.flush()
-    second.events.close()  # killed
+    kill(second)
     run_dir = tmp_path / "tb" / RUN_ID
     position = read_position(run_dir)
     assert (run_dir / position["file"]).stat().st_size > position["size"]
