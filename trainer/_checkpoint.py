@@ -3,10 +3,15 @@
 model weights (`save_pretrained` when the model has it, else `pytorch_model.bin`), `optimizer.pt`,
 `scheduler.pt`, `rng_state.pth`, `trainer_state.json`. Everything loads with `weights_only=True`:
 RNG states are stored as tensors and lists, never pickled objects.
+
+`checksums.json` (ours) holds the sha256 of every other file, written when the checkpoint is complete and
+checked before a resume: a torch file with flipped bytes in its tensor data still loads (as NaN weights),
+so only a checksum catches it. Every load error is a CheckpointError naming the file.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -27,7 +32,64 @@ OPTIMIZER_NAME = "optimizer.pt"
 SCHEDULER_NAME = "scheduler.pt"
 RNG_STATE_NAME = "rng_state.pth"
 DATA_POSITION_NAME = "data_position.json"  # ours: lets a run resume at another world size
+CHECKSUMS_NAME = "checksums.json"  # ours: sha256 of every other file of the checkpoint
 _CHECKPOINT_RE = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that is missing, damaged or of the wrong shape; the message names the file."""
+
+
+def _damaged(path: Path, what: str) -> CheckpointError:
+    return CheckpointError(f"checkpoint file {path}: {what}; resume from another checkpoint (or delete this one)")
+
+
+def torch_load(path: Path, **kwargs):
+    """torch.load with weights_only=True, its failures (truncated, not a torch file, ...) naming the file."""
+    try:
+        return torch.load(path, weights_only=True, **kwargs)
+    except FileNotFoundError:
+        raise _damaged(path, "missing") from None
+    except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError, zipfile errors, ...
+        raise _damaged(path, f"cannot be read ({type(e).__name__}: {e})") from None
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def write_checksums(directory: Path) -> None:
+    """sha256 of every file in the (complete) checkpoint, into checksums.json."""
+    files = {p.relative_to(directory).as_posix(): _sha256(p) for p in sorted(directory.rglob("*"))
+             if p.is_file() and p.name != CHECKSUMS_NAME}
+    (directory / CHECKSUMS_NAME).write_text(json.dumps({"algorithm": "sha256", "files": files}, indent=1),
+                                            encoding="utf-8")
+
+
+def verify_checksums(directory: Path) -> bool:
+    """Check every file against checksums.json; CheckpointError naming the first that differs or is missing.
+    False (with a warning) for a checkpoint without the manifest (written before it existed)."""
+    directory = Path(directory)
+    manifest_path = directory / CHECKSUMS_NAME
+    if not manifest_path.exists():
+        logger.warning("%s has no %s (saved by an older version or by transformers): its files cannot be "
+                       "checked for damage", directory, CHECKSUMS_NAME)
+        return False
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        files = manifest["files"]
+        if manifest.get("algorithm") != "sha256" or not isinstance(files, dict):
+            raise ValueError("unknown layout")
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+        raise _damaged(manifest_path, f"not a checksum manifest ({type(e).__name__}: {e})") from None
+    for name, digest in files.items():
+        path = directory / name
+        if not path.is_file():
+            raise _damaged(path, f"missing (listed in {CHECKSUMS_NAME})")
+        if _sha256(path) != digest:
+            raise _damaged(path, "damaged: its sha256 differs from the one recorded when it was saved")
+    return True
 
 
 def save_model_weights(model: torch.nn.Module, directory: str | os.PathLike, processing_class=None) -> None:
@@ -50,18 +112,25 @@ def load_model_weights(model: torch.nn.Module, directory: str | os.PathLike) -> 
         if name.endswith(".safetensors"):
             from safetensors.torch import load_file
 
-            state = load_file(str(path), device="cpu")
+            try:
+                state = load_file(str(path), device="cpu")
+            except Exception as e:  # SafetensorError, OSError
+                raise _damaged(path, f"cannot be read ({type(e).__name__}: {e})") from None
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = torch_load(path, map_location="cpu")
+        if not isinstance(state, dict):
+            raise _damaged(path, f"holds a {type(state).__name__}, not a state dict of weights")
         # Tied weights may be stored once; strict=False would hide real mismatches, so check them here.
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        try:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except RuntimeError as e:  # a shape mismatch
+            raise _damaged(path, f"does not match the model: {e}") from None
         tied = {n for n, p in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
         missing = [m for m in missing if m not in tied]
         if missing or unexpected:
-            raise RuntimeError(f"checkpoint {directory} does not match the model: missing {missing}, "
-                               f"unexpected {unexpected}")
+            raise _damaged(path, f"does not match the model: missing {missing}, unexpected {unexpected}")
         return
-    raise FileNotFoundError(f"no model weights ({WEIGHTS_NAME} or model.safetensors) in {directory}")
+    raise CheckpointError(f"checkpoint {directory}: no model weights ({WEIGHTS_NAME} or model.safetensors) in it")
 
 
 def rng_state() -> dict:
@@ -105,16 +174,26 @@ def save_rng_state(directory: Path, rank: int = 0, world_size: int = 1) -> None:
 
 
 def load_training_state(directory: Path, optimizer, lr_scheduler) -> None:
-    if (directory / OPTIMIZER_NAME).exists():
-        optimizer.load_state_dict(torch.load(directory / OPTIMIZER_NAME, map_location="cpu", weights_only=True))
-    if (directory / SCHEDULER_NAME).exists():
-        lr_scheduler.load_state_dict(torch.load(directory / SCHEDULER_NAME, weights_only=True))
+    for name, target, kwargs in ((OPTIMIZER_NAME, optimizer, {"map_location": "cpu"}), (SCHEDULER_NAME, lr_scheduler, {})):
+        path = directory / name
+        if not path.exists():
+            continue
+        try:
+            target.load_state_dict(torch_load(path, **kwargs))
+        except (ValueError, KeyError, TypeError, RuntimeError, IndexError) as e:
+            if isinstance(e, CheckpointError):
+                raise
+            raise _damaged(path, f"does not fit this run's {type(target).__name__} ({type(e).__name__}: {e})") from None
 
 
 def load_rng_state(directory: Path, rank: int = 0, world_size: int = 1) -> None:
     path = directory / rng_file(rank, world_size)
     if path.exists():
-        set_rng_state(torch.load(path, weights_only=True))
+        state = torch_load(path)
+        try:
+            set_rng_state(state)
+        except (ValueError, KeyError, TypeError, RuntimeError, IndexError, AttributeError) as e:
+            raise _damaged(path, f"is not an RNG state ({type(e).__name__}: {e})") from None
     else:
         logger.warning("%s has no %s (saved at another world size?): random numbers after the resume will "
                        "differ from the original run", directory, path.name)
@@ -127,8 +206,48 @@ def save_data_position(directory: Path, epoch: int, samples_seen: int, world_siz
 
 
 def load_data_position(directory: Path) -> dict | None:
+    """The saved data position, checked (epoch and examples seen >= 0, world_size >= 1, all integers)."""
     path = directory / DATA_POSITION_NAME
-    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+    if not path.exists():
+        return None
+    data = read_json(path)
+    minimum = {"epoch": 0, "samples_seen_in_epoch": 0, "world_size": 1}
+    if not isinstance(data, dict):
+        raise _damaged(path, f"holds a {type(data).__name__}, expected an object with {', '.join(minimum)}")
+    for key, least in minimum.items():
+        value = data.get(key)
+        if type(value) is not int or value < least:  # type(): True is an int to isinstance
+            raise _damaged(path, f"{key} is {value!r}, expected an integer >= {least}")
+    return data
+
+
+def load_trainer_state(directory: Path, state_class):
+    """The checkpoint's trainer_state.json as a `state_class` (TrainerState), its failures naming the file."""
+    path = Path(directory) / TRAINER_STATE_NAME
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise _damaged(path, f"holds a {type(data).__name__}, expected an object")
+    step = data.get("global_step", 0)
+    if type(step) is not int or step < 0:
+        raise _damaged(path, f"global_step is {step!r}, expected an integer >= 0")
+    if not isinstance(data.get("log_history", []), list):
+        raise _damaged(path, "log_history is not a list")
+    try:
+        return state_class.load_from_json(str(path))
+    except (TypeError, ValueError) as e:
+        raise _damaged(path, f"does not describe a trainer state ({type(e).__name__}: {e})") from None
+
+
+def read_json(path: Path):
+    """A checkpoint's JSON file, its failures naming it."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise _damaged(path, "missing") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise _damaged(path, f"cannot be read ({e})") from None
+    except json.JSONDecodeError as e:
+        raise _damaged(path, f"is not valid JSON ({e})") from None
 
 
 def sorted_checkpoints(output_dir: str | os.PathLike) -> list[Path]:

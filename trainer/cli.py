@@ -12,17 +12,23 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fg_bus.security import InsecureBus
+
 from . import _checkpoint as ckpt
 from . import distributed
+from ._run_lock import OutputDirInUse, lock_output_dir
 from ._utils import set_seed
 from .bus_callback import BusCallback
 from .callbacks import TrainerCallback
 from .config import ConfigError, load_config, parse_value, peek_arg, peek_seed
 from .default_callbacks import PrinterCallback, ProgressCallback
 from .run_config import build_trainer, default_config_path
-from .sink_callbacks import JsonLogger, TailLogger, TBLogger, TextgenCallback
+from .sink_callbacks import JsonLogger, SinkProcess, TailLogger, TBLogger, TextgenCallback, sink_problems
 
 logger = logging.getLogger("trainer")
+
+SEED_MAX = 2**63 - 1  # torch.manual_seed takes up to 2**64 - 1; the sampler seeds seed + epoch
+EXIT_USAGE, EXIT_SINK_FAILED, EXIT_INCOMPLETE = 2, 3, 4
 
 EPILOG = """\
 examples:
@@ -52,6 +58,13 @@ def _int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
 
 
+def _seed(text: str) -> int:
+    value = _int(text)
+    if not 0 <= value <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"{value} is out of range: a seed is 0 .. 2**63-1 ({SEED_MAX})")
+    return value
+
+
 def _variable(text: str) -> tuple[str, Any]:
     name, sep, value = text.partition("=")
     if not sep or not name:
@@ -69,12 +82,16 @@ def parser() -> argparse.ArgumentParser:
                    help="where checkpoints and the final model go (default: the config's, else fg-runs/NAME-TIME)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto: CUDA with bf16 when a GPU is present, else the CPU (default: auto)")
-    p.add_argument("--seed", type=_int, metavar="N", help="random seed (overrides args)")
+    p.add_argument("--seed", type=_seed, metavar="N", help="random seed, 0 .. 2**63-1 (overrides args)")
     p.add_argument("--resume", nargs="?", const=True, metavar="CHECKPOINT",
                    help="resume from CHECKPOINT, or with no value from the newest checkpoint in the output dir")
     p.add_argument("--var", type=_variable, action="append", default=[], metavar="NAME=VALUE",
                    help="a value for `!var NAME` in the config (repeatable; VALUE is read as YAML)")
     p.add_argument("--no-progress", action="store_true", help="print log lines instead of a progress bar")
+    p.add_argument("--allow-module", action="append", metavar="PREFIX",
+                   help="configs are code (their tags import and call what they name): allow only modules "
+                        "named PREFIX or PREFIX.* (repeatable; the built-in config's trainer.data and "
+                        "trainer.chargpt always are); for configs you did not write")
     p.add_argument("--nproc-per-node", type=_positive_int, metavar="N",
                    help="train on N processes of this machine with DistributedDataParallel: relaunches this command "
                         "under torchrun --standalone (gloo on the CPU, nccl on GPUs); for several machines run "
@@ -88,6 +105,9 @@ def parser() -> argparse.ArgumentParser:
     bus.add_argument("--bus-tcp", metavar="HOST:PORT", type=_host_port,
                      help="publish on tcp (PORT, PORT+1, PORT+2; PORT 0 picks free ports) instead of private ipc "
                           "sockets; with `fg-bus keys` made, only authorized CURVE keys may connect")
+    bus.add_argument("--insecure", action="store_true",
+                     help="allow tcp on a non-loopback address without CURVE keys; anyone who can reach the port "
+                          "can read the run")
     return p
 
 
@@ -131,9 +151,13 @@ def main(argv: list[str] | None = None) -> int:
     config_path = opts.config or default_config_path()
     # Seed before the config builds the model, so its initial weights are the same on every run.
     seed = opts.seed if opts.seed is not None else peek_seed(config_path)
+    if seed is not None and not 0 <= seed <= SEED_MAX:
+        print(f"fg-train: error: {config_path}: args: seed {seed} is out of range: a seed is 0 .. 2**63-1",
+              file=sys.stderr)
+        return EXIT_USAGE
     set_seed(seed if seed is not None else 42)
     try:
-        config = load_config(config_path, dict(opts.var))
+        config = load_config(config_path, dict(opts.var), allow_modules=opts.allow_module)
     except ConfigError as e:
         print(f"fg-train: error: {e}", file=sys.stderr)
         return 2
@@ -153,17 +177,26 @@ def main(argv: list[str] | None = None) -> int:
                   "--output-dir (fg-train --nproc-per-node does this for you)", file=sys.stderr)
             return 2
         overrides["output_dir"] = _default_output_dir(opts)
-    output_dir = overrides.get("output_dir") or (raw_args.get("output_dir") if isinstance(raw_args, dict) else None)
-    if opts.resume is True and ckpt.latest_checkpoint(output_dir or "trainer_output") is None:
+    output_dir = overrides.get("output_dir") or _config_output_dir(raw_args)
+    if opts.resume is True and ckpt.latest_checkpoint(output_dir) is None:
         print(f"fg-train: error: --resume: no checkpoint-* directory in {output_dir}; "
               "pass --output-dir of the run to resume, or --resume PATH", file=sys.stderr)
         return 2
+    if rank == 0:  # the ranks of one torchrun job share the directory; two jobs or two runs may not
+        try:
+            lock_output_dir(output_dir)
+        except (ValueError, OutputDirInUse) as e:
+            print(f"fg-train: error: {e}", file=sys.stderr)
+            return EXIT_USAGE
     if opts.no_bus and opts.sinks:
         print("fg-train: error: --sinks needs the event bus; drop --no-bus", file=sys.stderr)
         return 2
-    bus = None if opts.no_bus else BusCallback(tcp=opts.bus_tcp)
+    bus = None if opts.no_bus else BusCallback(tcp=opts.bus_tcp, insecure=opts.insecure)
     try:
         trainer = build_trainer(config, overrides, event_bus=bus)
+    except InsecureBus as e:  # tcp on a non-loopback address without keys, and no --insecure
+        print(f"fg-train: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
     except ConfigError as e:
         print(f"fg-train: error: {e}", file=sys.stderr)
         return 2
@@ -186,8 +219,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = trainer.train(resume_from_checkpoint=resume)
     except KeyboardInterrupt:
+        _stop_sinks(trainer)  # a Ctrl-C that cut short the wait for them: none is left running behind us
         print(f"\nfg-train: aborted at step {trainer.state.global_step}. Resume from the last checkpoint with:\n"
               f"  {_resume_command(opts, trainer)}", file=sys.stderr)
+        _report_sinks(trainer)
         return 130
     except ValueError as e:
         print(f"fg-train: error: {e}", file=sys.stderr)
@@ -197,11 +232,42 @@ def main(argv: list[str] | None = None) -> int:
     if rank == 0:
         trainer.state.save_to_json(str(out_dir / ckpt.TRAINER_STATE_NAME))
         _print_summary(trainer, result, out_dir)
+    code = 0
     if signals_received:
         print(f"fg-train: stopped by {signals_received[0]} at step {trainer.state.global_step}; continue with:\n"
               f"  {_resume_command(opts, trainer)}", file=sys.stderr)
-        return 128 + getattr(signal, signals_received[0])
-    return 0
+        code = 128 + getattr(signal, signals_received[0])
+    # What went wrong with the run's records outranks how it stopped: the exit status says the worst.
+    if _report_sinks(trainer):
+        code = EXIT_SINK_FAILED
+    incomplete = bus.publisher.incomplete if bus is not None and bus.publisher is not None else None
+    if incomplete:
+        print(f"fg-train: error: the run's stream is incomplete: {incomplete}", file=sys.stderr)
+        code = EXIT_INCOMPLETE
+    return code
+
+
+def _config_output_dir(raw_args) -> str:
+    """The output_dir a config's args name (a mapping or a TrainingArguments), else TrainingArguments'."""
+    value = raw_args.get("output_dir") if isinstance(raw_args, dict) else getattr(raw_args, "output_dir", None)
+    return str(value or "trainer_output")
+
+
+def _sink_callbacks(trainer) -> list[SinkProcess]:
+    return [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, SinkProcess)]
+
+
+def _stop_sinks(trainer) -> None:
+    for sink in _sink_callbacks(trainer):
+        sink.stop()
+
+
+def _report_sinks(trainer) -> bool:
+    """Name every sink that ended early, failed or had to be stopped, with how to resume it."""
+    problems = sink_problems(_sink_callbacks(trainer))
+    for line in problems:
+        print(f"fg-train: error: {line}", file=sys.stderr)
+    return bool(problems)
 
 
 def _launch_torchrun(opts, argv: list[str]) -> int:

@@ -9,16 +9,22 @@ Tags:
   `!var NAME`                   a value the caller passes in (`fg-train CONFIG --var NAME=VALUE`)
 plus YAML's own anchors, aliases and `<<` merge keys.
 
-Nothing is evaluated: a tag names an importable callable, and arguments are plain YAML values. Every
-error names the file and line: an unknown tag, a failed import, a bad keyword, a missing variable.
+Configs are code: no expression is evaluated, but a `!singleton` tag imports the module it names and calls
+the callable with the given arguments, so a config can do whatever that callable does (`!singleton:os:system`
+runs a shell command). For configs you did not write, `load_config(..., allow_modules=[...])` (`fg-train
+--allow-module PREFIX`) refuses, before importing it, every module outside the given packages, and every
+callable reached through or defined in one. Every error names the file and line: an unknown tag, a failed
+import, a refused module, a bad keyword, a missing variable.
 """
 
 from __future__ import annotations
 
+import contextvars
 import importlib
 import inspect
 import re
 import sys
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +32,13 @@ from typing import Any
 import yaml
 
 KNOWN_TAGS = ("!singleton:module:Callable", "!list[:@name]", "!dict[:@name]", "!var NAME")
+
+# What the built-in config (trainer/default.yaml) imports: allowed whenever modules are restricted.
+DEFAULT_ALLOWED_MODULES = ("trainer.data", "trainer.chargpt")
+
+# The restriction of the config being built, inherited by any config it loads in turn (a config calling
+# `trainer.config:load_config` must not escape its own restriction).
+_ALLOWED: contextvars.ContextVar[tuple[str, ...] | None] = contextvars.ContextVar("fg_allowed_modules", default=None)
 
 
 class ConfigError(ValueError):
@@ -36,11 +49,28 @@ def _where(loader: "_Loader", node: yaml.Node) -> str:
     return f"{loader.config_path}:{node.start_mark.line + 1}"
 
 
+def module_allowed(name: str, allowed: tuple[str, ...] | None) -> bool:
+    """`name` is one of the allowed modules or inside one of the allowed packages (None: no restriction)."""
+    if allowed is None:
+        return True
+    return any(name == prefix or name.startswith(prefix.rstrip(".") + ".") for prefix in allowed)
+
+
+def _refuse(loader: "_Loader", node: yaml.Node, target: str, module: str, why: str) -> ConfigError:
+    allowed = ", ".join(loader.allowed_modules or ())
+    return ConfigError(f"{_where(loader, node)}: !singleton:{target}: {why} {module!r}, which is not allowed "
+                       f"(allowed: {allowed}); configs are code, so check it before adding "
+                       f"--allow-module {module.split('.')[0]}")
+
+
 def _import_target(loader: "_Loader", node: yaml.Node, target: str):
     module_name, sep, attr_path = target.partition(":")
     if not sep or not module_name or not attr_path:
         raise ConfigError(f"{_where(loader, node)}: !singleton:{target} should name module:Callable, "
                           "e.g. !singleton:trainer:TrainingArguments")
+    allowed = loader.allowed_modules
+    if not module_allowed(module_name, allowed):  # refused before importing: an import runs code too
+        raise _refuse(loader, node, target, module_name, "imports module")
     try:
         obj = importlib.import_module(module_name)
     except ImportError as e:
@@ -54,6 +84,12 @@ def _import_target(loader: "_Loader", node: yaml.Node, target: str):
         except AttributeError:
             raise ConfigError(f"{_where(loader, node)}: module {module_name!r} has no attribute {attr_path!r} "
                               f"(from !singleton:{target})") from None
+        # An allowed module's imports are not allowed with it: trainer.data:torch.load reaches torch.
+        if isinstance(obj, types.ModuleType) and not module_allowed(obj.__name__, allowed):
+            raise _refuse(loader, node, target, obj.__name__, "reaches module")
+    home = getattr(obj, "__module__", None)
+    if isinstance(home, str) and not module_allowed(home, allowed):  # re-exported: `from os import system`
+        raise _refuse(loader, node, target, home, "names a callable defined in module")
     if not callable(obj):
         raise ConfigError(f"{_where(loader, node)}: {target} is not callable")
     return obj
@@ -183,10 +219,12 @@ def peek_seed(path: str | Path) -> int | None:
 class _Loader(_PlainLoader):
     """A SafeLoader with the fg tags; one instance per file, holding its variables and named values."""
 
-    def __init__(self, stream, config_path: str, variables: dict[str, Any]):
+    def __init__(self, stream, config_path: str, variables: dict[str, Any],
+                 allowed_modules: tuple[str, ...] | None = None):
         super().__init__(stream)
         self.config_path = config_path
         self.variables = variables
+        self.allowed_modules = allowed_modules
         self.named: dict[str, Any] = {}
 
     def construct_undefined(self, node):
@@ -214,9 +252,18 @@ class LoadedConfig:
         return f"{self.path}:{self.lines[key]}" if key in self.lines else str(self.path)
 
 
-def load_config(path: str | Path, variables: dict[str, Any] | None = None) -> LoadedConfig:
-    """Parse and build a configuration file. Raises ConfigError (file:line: reason) on any problem."""
+def load_config(path: str | Path, variables: dict[str, Any] | None = None,
+                allow_modules: list[str] | tuple[str, ...] | None = None) -> LoadedConfig:
+    """Parse and build a configuration file. Raises ConfigError (file:line: reason) on any problem.
+
+    `allow_modules`: module or package names (`trainer` allows trainer and trainer.data, not trainer_x);
+    when given, the config may import only those (and DEFAULT_ALLOWED_MODULES). None: no restriction, or
+    the restriction of the config that is loading this one."""
     path = Path(path)
+    inherited = _ALLOWED.get()
+    allowed = inherited if allow_modules is None else tuple(allow_modules) + DEFAULT_ALLOWED_MODULES
+    if inherited is not None and allow_modules is not None:  # a nested load can narrow, never widen
+        allowed = tuple(m for m in allowed if module_allowed(m, inherited))
     try:
         data = path.read_bytes()
     except OSError as e:
@@ -229,9 +276,11 @@ def load_config(path: str | Path, variables: dict[str, Any] | None = None) -> Lo
     # Modules beside the config (my_callbacks.py) import as they would from a script in that directory.
     config_dir = str(path.resolve().parent)
     if config_dir not in sys.path:
-        sys.path.insert(0, config_dir)
+        # Restricted, they come after the installed packages: a `torch.py` beside the config must not stand
+        # in for an allowed package.
+        sys.path.insert(len(sys.path) if allowed is not None else 0, config_dir)
     try:
-        loader = _Loader(text, str(path), dict(variables or {}))
+        loader = _Loader(text, str(path), dict(variables or {}), allowed)
     except yaml.reader.ReaderError as e:  # a control character: checked before any parsing, so no mark
         line = text.count("\n", 0, e.position) + 1
         raise ConfigError(f"{path}:{line}: invalid YAML: unacceptable character #x{e.character:04x}: "
@@ -243,7 +292,11 @@ def load_config(path: str | Path, variables: dict[str, Any] | None = None) -> Lo
         if not isinstance(node, yaml.MappingNode):
             raise ConfigError(f"{path}:{node.start_mark.line + 1}: the top level must be a mapping of keys")
         lines = {key.value: key.start_mark.line + 1 for key, _ in node.value if isinstance(key, yaml.ScalarNode)}
-        values = loader.construct_document(node)
+        token = _ALLOWED.set(allowed)
+        try:
+            values = loader.construct_document(node)
+        finally:
+            _ALLOWED.reset(token)
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         line = f":{mark.line + 1}" if mark is not None else ""

@@ -17,6 +17,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from fg_bus.security import InsecureBus
+
+from .callbacks import EVENTS, TrainerCallback
 from .config import ConfigError, LoadedConfig, load_config
 from .trainer import Trainer
 from .training_args import TrainingArguments
@@ -65,9 +68,7 @@ def build_trainer(config: LoadedConfig, overrides: dict[str, Any] | None = None,
         raise ConfigError(f"{config.path}: the config has no `model`")
     if "processing_class" in values and "tokenizer" in values:
         raise ConfigError(f"{config.where('tokenizer')}: give processing_class or tokenizer, not both")
-    callbacks = values.get("trainer_callbacks") or []
-    if not isinstance(callbacks, list):
-        raise ConfigError(f"{config.where('trainer_callbacks')}: trainer_callbacks must be a list")
+    callbacks = _callbacks(config)
     args = build_training_args(config, overrides or {})
     try:
         return Trainer(
@@ -77,8 +78,38 @@ def build_trainer(config: LoadedConfig, overrides: dict[str, Any] | None = None,
             processing_class=values.get("processing_class", values.get("tokenizer")),
             compute_loss_func=values.get("compute_loss_func"), callbacks=callbacks, event_bus=event_bus,
         )
+    except InsecureBus:  # the bus refused to start (tcp without keys): not a config problem
+        raise
     except ValueError as e:
         raise ConfigError(f"{config.path}: {e}") from None
+
+
+def _callbacks(config: LoadedConfig) -> list:
+    """`trainer_callbacks`, each checked to be a callback (an instance or a class with event methods, such
+    as a TrainerCallback or a transformers one), classes instantiated here so their errors name the entry."""
+    callbacks = config.values.get("trainer_callbacks") or []
+    where = config.where("trainer_callbacks")
+    if not isinstance(callbacks, list):
+        raise ConfigError(f"{where}: trainer_callbacks must be a list")
+    out = []
+    for index, cb in enumerate(callbacks):
+        if not (isinstance(cb, TrainerCallback) or (isinstance(cb, type) and issubclass(cb, TrainerCallback))
+                or any(callable(getattr(cb, event, None)) for event in EVENTS)):
+            raise ConfigError(f"{where}: trainer_callbacks[{index}] is {_short(cb)} ({type(cb).__name__}), not a "
+                              "callback: give a TrainerCallback instance (`!singleton:module:Class`) or class")
+        if isinstance(cb, type):
+            try:
+                cb = cb()
+            except Exception as e:
+                raise ConfigError(f"{where}: trainer_callbacks[{index}]: {cb.__name__}() failed: "
+                                  f"{type(e).__name__}: {e}; give its arguments with !singleton") from e
+        out.append(cb)
+    return out
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def load_trainer(path: str | Path | None = None, variables: dict[str, Any] | None = None,

@@ -13,6 +13,7 @@ import datetime as dt
 import logging
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -35,7 +36,13 @@ def _sink_command(kind: str, run_dir: str, *extra: str) -> list[str]:
 
 
 class SinkProcess(TrainerCallback):
-    """Starts `fg-sink KIND` for this run at train begin; after the end, waits for it to finish writing."""
+    """Starts `fg-sink KIND` for this run at train begin; after the end, waits for it to finish writing.
+
+    The sink runs in its own session, so a Ctrl-C in the terminal (SIGINT to the whole foreground process
+    group) reaches only `fg-train`, which stops at a step boundary and ends the stream: the sink then
+    finishes on the end record with nothing missing. After the run, `returncode` is its exit status and
+    `ended_early` says whether it exited before the end record was out; `fg-train` reports both.
+    """
 
     kind = "null"
 
@@ -43,9 +50,22 @@ class SinkProcess(TrainerCallback):
         self.metadata = {k: v for k, v in metadata.items() if v is not None}
         self.process: subprocess.Popen | None = None
         self.run_dir: str | None = None
+        self.pid: int | None = None
+        self.returncode: int | None = None  # the sink's exit status, once it has ended
+        self.ended_early = False  # it exited before the run's end record was out
+        self.stopped_by_us = False  # fg-train stopped it (past the end deadline, or on abort)
 
     def sink_args(self, args) -> list[str]:
         return []
+
+    @property
+    def resume_command(self) -> str:
+        return f"fg-sink {self.kind} --run {self.run_dir}"
+
+    @property
+    def failed(self) -> bool:
+        """It ended early, with a non-zero status, or had to be stopped: its output may be incomplete."""
+        return self.run_dir is not None and (self.ended_early or self.stopped_by_us or bool(self.returncode))
 
     def on_train_begin(self, args, state, control, **kwargs):
         if not state.is_world_process_zero:
@@ -60,31 +80,93 @@ class SinkProcess(TrainerCallback):
                                   meta={"source": type(self).__name__, "date": dt.date.today().isoformat(),
                                         **self.metadata})
         command = _sink_command(self.kind, str(bus.publisher.bus_dir), *self.sink_args(args))
-        self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL)
+        # Its own session: the terminal's SIGINT / SIGHUP go to fg-train's process group, not to the sink,
+        # which must outlive fg-train's stop to write the run's last records.
+        self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, start_new_session=True)
+        self.pid = self.process.pid
         self.run_dir = str(bus.publisher.bus_dir)
         bus.add_after_close(self.wait)  # it exits after the end record; wait for it to finish writing
         logger.info("started %s", " ".join(command))
 
+    def on_log(self, args, state, control, **kwargs):
+        self.check_alive(state.global_step)  # a poll() at log steps: a system call, off the step's path
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.check_alive(state.global_step)  # the end record is not out yet: an exit now is early
+
+    def check_alive(self, step: int | None = None) -> bool:
+        """False (and a warning, once) if the sink has exited although the run has not ended."""
+        if self.process is None or self.ended_early:
+            return not self.ended_early
+        code = self.process.poll()
+        if code is None:
+            return True
+        self.returncode, self.ended_early = code, True
+        logger.warning("the %s sink (pid %d) exited with %s%s while the run goes on; its output stops there. "
+                       "Start it again, it resumes where its output ends: %s", self.kind, self.pid,
+                       describe_status(code), "" if step is None else f" at step {step}", self.resume_command)
+        return False
+
     def wait(self, deadline: float | None = None) -> int | None:
         """Wait for the sink to finish the run (it exits after the end record); past `deadline` (a
-        time.monotonic() value; the bus's after-close deadline, shared by all sinks) stop it."""
+        time.monotonic() value; the bus's after-close deadline, shared by all sinks) stop it. Returns its
+        exit status (also kept in `returncode`), or None if no sink was started."""
         if self.process is None:
-            return None
+            return self.returncode
         timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
         try:
-            return self.process.wait(timeout)
+            self.returncode = self.process.wait(timeout)
         except subprocess.TimeoutExpired:
             logger.error("the %s sink had not finished when the run's end deadline passed; stopping it (started "
-                         "again, it resumes where its output ends: fg-sink %s --run %s)",
-                         self.kind, self.kind, self.run_dir)
-            self.process.terminate()
-            try:
-                return self.process.wait(5)
-            except subprocess.TimeoutExpired:  # stopped (SIGSTOP) or ignoring SIGTERM
-                self.process.kill()
-                return self.process.wait(10)
+                         "again, it resumes where its output ends: %s)", self.kind, self.resume_command)
+            self.stop()
+        except KeyboardInterrupt:  # Ctrl-C while waiting for it: stop it cleanly rather than leave it behind
+            self.stop()
+            raise
         finally:
             self.process = None
+        return self.returncode
+
+    def stop(self) -> int | None:
+        """Stop the sink (SIGTERM: it finishes the record in hand, then SIGKILL); returns its exit status."""
+        process = self.process
+        if process is None or process.poll() is not None:
+            if process is not None:
+                self.returncode = process.returncode
+            return self.returncode
+        self.stopped_by_us = True
+        process.terminate()
+        try:
+            self.returncode = process.wait(5)
+        except subprocess.TimeoutExpired:  # stopped (SIGSTOP) or ignoring SIGTERM
+            process.kill()
+            self.returncode = process.wait(10)
+        return self.returncode
+
+
+def describe_status(code: int | None) -> str:
+    """An exit status as a person reads it: "status 3", "signal SIGKILL"."""
+    if code is None:
+        return "no status (still running)"
+    if code < 0:
+        try:
+            return f"signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"signal {-code}"
+    return f"status {code}"
+
+
+def sink_problems(callbacks) -> list[str]:
+    """One line per sink process that ended early, failed or had to be stopped, with how to resume it."""
+    lines = []
+    for cb in callbacks:
+        if not isinstance(cb, SinkProcess) or not cb.failed:
+            continue
+        how = ("exited before the end record" if cb.ended_early else
+               "was stopped by fg-train" if cb.stopped_by_us else "failed")
+        lines.append(f"the {cb.kind} sink (pid {cb.pid}) {how}, {describe_status(cb.returncode)}; its output may "
+                     f"be incomplete: finish it with `{cb.resume_command}`")
+    return lines
 
 
 def _logdir_of(summary_writer) -> str | None:
@@ -200,6 +282,7 @@ class TextgenCallback(SinkProcess):
 
     def on_train_end(self, args, state, control, **kwargs):
         """Before the stream ends, let the sink send back the samples of every snapshot (bounded wait)."""
+        super().on_train_end(args, state, control, **kwargs)
         if self._writer is not None:
             self._writer.join(60)
         bus = active_bus()

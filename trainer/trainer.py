@@ -147,6 +147,7 @@ class Trainer:
         checkpoint = self._resolve_checkpoint(resume_from_checkpoint)
         set_seed(args.seed)
         if checkpoint is not None:
+            ckpt.verify_checksums(checkpoint)  # before any file is used: a damaged one is refused, named
             ckpt.load_model_weights(self.model, checkpoint)
 
         train_dataloader = self.get_train_dataloader()
@@ -223,7 +224,7 @@ class Trainer:
         self.state.compute_steps(self.args, max_steps)
         epochs_trained = samples_to_skip = 0
         if checkpoint is not None:
-            self.state = TrainerState.load_from_json(str(checkpoint / ckpt.TRAINER_STATE_NAME))
+            self.state = ckpt.load_trainer_state(checkpoint, TrainerState)
             if self.state.best_model_checkpoint and not os.path.isdir(self.state.best_model_checkpoint):
                 self.state.best_model_checkpoint = None
             self._load_callback_state()
@@ -433,6 +434,7 @@ class Trainer:
         if self.args.load_best_model_at_end and self.state.best_model_checkpoint is not None:
             logger.info("loading the best model from %s (%s=%s)", self.state.best_model_checkpoint,
                         self.args.metric_for_best_model, self.state.best_metric)
+            ckpt.verify_checksums(self.state.best_model_checkpoint)
             ckpt.load_model_weights(self.model, self.state.best_model_checkpoint)
         self.control = self.callback_handler.on_train_end(self.args, self.state, self.control)
         if self.event_bus is not None and hasattr(self.event_bus, "close"):
@@ -460,6 +462,7 @@ class Trainer:
             ckpt.save_rng_state(tmp, args.process_index, args.world_size)
         distributed.barrier()
         if args.should_save:
+            ckpt.write_checksums(tmp)  # every rank's files are in: the checkpoint is complete
             shutil.rmtree(folder, ignore_errors=True)
             os.replace(tmp, folder)
             ckpt.rotate_checkpoints(args.output_dir, args.save_total_limit, self.state.best_model_checkpoint)

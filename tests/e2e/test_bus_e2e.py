@@ -25,14 +25,15 @@ TINY = Path(__file__).with_name("tiny.yaml")
 class Train:
     """An `fg-train` subprocess on the tiny config, publishing into a private FG_HOME."""
 
-    def __init__(self, tmp_path: Path, fg_home: Path, *args: str, max_steps: int = 1500):
+    def __init__(self, tmp_path: Path, fg_home: Path, *args: str, max_steps: int = 1500,
+                 start_new_session: bool = False):
         self.out = tmp_path / "out"
         self.log = open(tmp_path / "train.log", "wb")
         self.env = {**os.environ, "FG_HOME": str(fg_home)}
         self.proc = subprocess.Popen(
             [str(BIN / "fg-train"), str(TINY), "--device", "cpu", "--output-dir", str(self.out),
              "--max-steps", str(max_steps), *args],
-            stdout=self.log, stderr=subprocess.STDOUT, env=self.env)
+            stdout=self.log, stderr=subprocess.STDOUT, env=self.env, start_new_session=start_new_session)
 
     def run_info(self, timeout: float = 60) -> registry.RunInfo:
         deadline = time.monotonic() + timeout
@@ -228,11 +229,13 @@ def test_fg_bus_ctl_stop_stops_at_a_step_boundary_with_a_final_checkpoint(train)
     assert max(r["global_step"] or 0 for r in records) == step  # no step after the one that saw the stop
 
 
-def test_sigint_finishes_the_step_saves_and_ends_the_stream_as_interrupted(train):
-    t = train(max_steps=100_000)
+def test_ctrl_c_finishes_the_step_saves_and_ends_the_stream_as_interrupted_with_its_sink_complete(train):
+    # As a terminal does: fg-train leads its own process group, and SIGINT goes to the whole group, so the
+    # sink it started gets it too unless it runs apart (its own session).
+    t = train("--sinks", "json", max_steps=100_000, start_new_session=True)
     info = t.run_info()
     t.wait_for_records(info, 200)
-    t.proc.send_signal(signal.SIGINT)
+    os.killpg(t.proc.pid, signal.SIGINT)
     assert t.wait(60) == 128 + signal.SIGINT, t.output()
     records = journal(info)
     assert records[-1]["event"] == "end" and records[-1]["status"] == "interrupted"
@@ -240,6 +243,8 @@ def test_sigint_finishes_the_step_saves_and_ends_the_stream_as_interrupted(train
     assert (t.out / f"checkpoint-{step}").is_dir()
     assert "--resume" in t.output()
     assert registry.load_run(info.bus_dir).status == "ended"
+    log = t.out / "logs" / f"{info.run_id}.jsonl"
+    assert [json.loads(line) for line in log.read_bytes().splitlines()] == json.loads(json.dumps(records))
 
 
 def test_tcp_with_curve_keys_refuses_a_client_without_an_allowed_key(train, fg_home):

@@ -146,8 +146,9 @@ def test_fg_train_exits_in_bounded_time_when_its_sink_is_stopped(fg_home, tmp_pa
     sink_pid = wait_for(lambda: child_sink_pid(train.pid, "json"), 60, "fg-train to start its json sink")
     wait_for(lambda: steps_in(run_dir(out) / "journal.rank0.jsonl") > 5, 60, "training to start")
     os.kill(sink_pid, signal.SIGSTOP)  # stopped for good: it will never finish on its own
-    assert train.wait(120) == 0
+    assert train.wait(120) == 3  # a sink it started did not finish: fg-train says so in its status
     stderr = train.stderr.read().decode()
+    assert f"the json sink (pid {sink_pid}) was stopped by fg-train" in stderr, stderr[-3000:]
     end = json.loads((run_dir(out) / "journal.rank0.jsonl").read_bytes().splitlines()[-1])
     waited = time.time() - datetime.fromisoformat(end["timestamp"]).timestamp()
     assert waited < 30, f"fg-train took {waited:.1f} s after its end record to exit"
@@ -233,9 +234,10 @@ def test_a_journal_that_cannot_be_written_leaves_training_and_the_live_stream_go
     out = tmp_path / "run"
     sink = fg_sink(fg_home, "json", "--out", str(tmp_path / "log.jsonl"), "--wait", "60")
     train = fg_train(fg_home, out, max_steps=400, preexec_fn=_small_files(100_000))
-    assert train.wait(180) == 0, train.stderr.read().decode()[-3000:]
+    assert train.wait(180) == 4, train.stderr.read().decode()[-3000:]  # 4: its stream is incomplete
     stderr = train.stderr.read().decode()
-    assert stderr.count("could not be written") == 1, stderr[-3000:]  # printed once, not once per record
+    assert "fg-train: error: the run's stream is incomplete: the journal could not be written" in stderr, stderr[-3000:]
+    assert stderr.count("could not be written (") == 1, stderr[-3000:]  # printed once, not once per record
     assert sink.wait(60) == 0, sink.stderr.read().decode()
     journal = run_dir(out) / "journal.rank0.jsonl"
     assert journal.stat().st_size <= 100_000
