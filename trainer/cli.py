@@ -5,12 +5,15 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from fg_bus.security import InsecureBus
 
@@ -69,7 +72,18 @@ def _variable(text: str) -> tuple[str, Any]:
     name, sep, value = text.partition("=")
     if not sep or not name:
         raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
-    return name, parse_value(value)
+    try:
+        return name, parse_value(value)
+    except yaml.YAMLError as e:
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise argparse.ArgumentTypeError(f"{name}: {value!r} is not a YAML value ({problem}); quote it, e.g. "
+                                         f"--var '{name}=\"...\"'") from None
+
+
+def _directory(text: str) -> Path:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a directory, got an empty path")
+    return Path(text)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -78,7 +92,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("config", nargs="?", type=Path,
                    help="a YAML config (default: the built-in char GPT, trainer/default.yaml)")
     p.add_argument("--max-steps", type=_positive_int, metavar="N", help="optimizer steps to train (overrides args)")
-    p.add_argument("--output-dir", type=Path, metavar="DIR",
+    p.add_argument("--output-dir", type=_directory, metavar="DIR",
                    help="where checkpoints and the final model go (default: the config's, else fg-runs/NAME-TIME)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto: CUDA with bf16 when a GPU is present, else the CPU (default: auto)")
@@ -220,10 +234,16 @@ def main(argv: list[str] | None = None) -> int:
         result = trainer.train(resume_from_checkpoint=resume)
     except KeyboardInterrupt:
         _stop_sinks(trainer)  # a Ctrl-C that cut short the wait for them: none is left running behind us
-        print(f"\nfg-train: aborted at step {trainer.state.global_step}. Resume from the last checkpoint with:\n"
-              f"  {_resume_command(opts, trainer)}", file=sys.stderr)
-        _report_sinks(trainer)
-        return 130
+        if bus is not None and bus.publisher is not None and bus.publisher.closed:
+            print(f"\nfg-train: the run had ended (step {trainer.state.global_step}); stopped waiting for its sinks",
+                  file=sys.stderr)
+        elif ckpt.latest_checkpoint(trainer.args.output_dir) is None:
+            print(f"\nfg-train: aborted at step {trainer.state.global_step}, before any checkpoint was saved. Start "
+                  f"again with:\n  {_resume_command(argv, trainer, resume=False)}", file=sys.stderr)
+        else:
+            print(f"\nfg-train: aborted at step {trainer.state.global_step}. Resume from the last checkpoint with:\n"
+                  f"  {_resume_command(argv, trainer)}", file=sys.stderr)
+        return EXIT_SINK_FAILED if _report_sinks(trainer) else 130
     except ValueError as e:
         print(f"fg-train: error: {e}", file=sys.stderr)
         return 2
@@ -235,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     code = 0
     if signals_received:
         print(f"fg-train: stopped by {signals_received[0]} at step {trainer.state.global_step}; continue with:\n"
-              f"  {_resume_command(opts, trainer)}", file=sys.stderr)
+              f"  {_resume_command(argv, trainer)}", file=sys.stderr)
         code = 128 + getattr(signal, signals_received[0])
     # What went wrong with the run's records outranks how it stopped: the exit status says the worst.
     if _report_sinks(trainer):
@@ -307,9 +327,22 @@ def _without_option(argv: list[str], name: str) -> list[str]:
     return out
 
 
-def _resume_command(opts, trainer) -> str:
-    return " ".join(["fg-train", *([str(opts.config)] if opts.config else []),
-                     "--output-dir", trainer.args.output_dir, "--resume"])
+def _resume_command(argv: list[str], trainer, resume: bool = True) -> str:
+    """This run's own command line (every option it was started with), shell-quoted, with `--resume`
+    (which continues from the newest checkpoint) in place of any `--resume [CHECKPOINT]` it had."""
+    out, i = ["fg-train"], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--resume":
+            # argparse takes the next word as the checkpoint unless it is an option (nargs="?")
+            i += 2 if i + 1 < len(argv) and not argv[i + 1].startswith("-") else 1
+            continue
+        if not arg.startswith("--resume="):
+            out.append(arg)
+        i += 1
+    if not any(a == "--output-dir" or a.startswith("--output-dir=") for a in argv):
+        out += ["--output-dir", str(trainer.args.output_dir)]
+    return shlex.join(out + (["--resume"] if resume else []))
 
 
 class _GracefulStop(TrainerCallback):
@@ -332,11 +365,19 @@ def _stop_on_signals(trainer, bus) -> list[str]:
         fallback = _GracefulStop()
         trainer.add_callback(fallback)
     received = []
+    late = []  # signals that came after the stream had ended
 
     def handler(signum, frame):
         name = signal.Signals(signum).name
-        if received:
+        if received or late:
             raise KeyboardInterrupt
+        if bus is not None and bus.publisher is not None and bus.publisher.closed:
+            # Training is over and the stream ended: the run did not stop early, only the wait for the sinks is
+            # left, and a second signal cuts that short.
+            late.append(name)
+            print(f"\nfg-train: {name}: the run has ended; waiting for its sinks to finish writing (again to stop "
+                  "them)", file=sys.stderr, flush=True)
+            return
         received.append(name)
         print(f"\nfg-train: {name}: stopping after this step (a checkpoint is saved); Ctrl-C again to abort",
               file=sys.stderr, flush=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -235,3 +236,34 @@ def test_a_non_callback_in_trainer_callbacks_is_refused_naming_the_entry(fg_home
     config = tiny_with(tmp_path, "trainer_callbacks:\n    - !singleton:trainer:PrinterCallback\n    - JsonLogger")
     refused(train_once(fg_home, tmp_path / "out", config=config),
             f"{config}:", "trainer_callbacks[1] is 'JsonLogger' (str), not a callback")
+
+
+def test_a_bad_var_value_and_an_empty_output_dir_are_refused_with_the_option_named(fg_home, tmp_path):
+    refused(train_once(fg_home, tmp_path / "out", "--var", "a=[1", "--no-bus"), "--var", "a: '[1' is not a YAML value")
+    proc = subprocess.run([str(BIN / "fg-train"), str(TINY), "--output-dir", ""], capture_output=True, text=True,
+                          env=env(fg_home), timeout=60, cwd=tmp_path)
+    refused(proc, "--output-dir", "empty path")
+    assert list(tmp_path.iterdir()) == []  # nothing written into the working directory
+
+
+def test_the_resume_command_printed_at_a_signal_keeps_the_options_and_continues_the_same_run(fg_home, tmp_path):
+    config = tmp_path / "var config.yaml"  # a space: the command must be shell-quoted
+    config.write_text(TINY.read_text().replace("args:\n", "args:\n    run_name: !var rn\n", 1))
+    out = tmp_path / "out"
+    proc = subprocess.Popen([str(BIN / "fg-train"), str(config), "--var", "rn=trial one", "--device", "cpu",
+                             "--output-dir", str(out), "--max-steps", "150", "--no-progress"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env(fg_home))
+    wait_for(lambda: steps_in(next(iter((out / "fg-bus").glob("*/journal.rank0.jsonl")), out / "none")) >= 5
+             if (out / "fg-bus").exists() else False, 120, "five steps")
+    proc.send_signal(signal.SIGINT)
+    code, stderr = finish(proc)
+    assert code == 128 + signal.SIGINT, stderr[-3000:]
+    command = stderr.strip().splitlines()[-1].strip()
+    assert command.startswith("fg-train ") and command.endswith(" --resume"), stderr[-3000:]
+    argv = shlex.split(command)
+    assert argv[1] == str(config) and "rn=trial one" in argv and argv[argv.index("--max-steps") + 1] == "150", argv
+    resumed = subprocess.run([str(BIN / argv[0]), *argv[1:]], capture_output=True, text=True, env=env(fg_home),
+                             timeout=180)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 150 and state["max_steps"] == 150, state["global_step"]
