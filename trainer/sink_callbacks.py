@@ -13,6 +13,7 @@ import datetime as dt
 import logging
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -54,13 +55,16 @@ class SinkProcess(TrainerCallback):
         self.returncode: int | None = None  # the sink's exit status, once it has ended
         self.ended_early = False  # it exited before the run's end record was out
         self.stopped_by_us = False  # fg-train stopped it (past the end deadline, or on abort)
+        self.options: list[str] = []  # what it was started with besides KIND --run: its output, prompts, ...
 
     def sink_args(self, args) -> list[str]:
         return []
 
     @property
     def resume_command(self) -> str:
-        return f"fg-sink {self.kind} --run {self.run_dir}"
+        """The command that finishes its output: the one it was started with, options included (a sink
+        started again without its --out or --logdir would write somewhere else)."""
+        return shlex.join(["fg-sink", self.kind, "--run", str(self.run_dir), *self.options])
 
     @property
     def failed(self) -> bool:
@@ -79,7 +83,8 @@ class SinkProcess(TrainerCallback):
             bus.publisher.publish("experiment", state.global_step, state.epoch,
                                   meta={"source": type(self).__name__, "date": dt.date.today().isoformat(),
                                         **self.metadata})
-        command = _sink_command(self.kind, str(bus.publisher.bus_dir), *self.sink_args(args))
+        self.options = self.sink_args(args)
+        command = _sink_command(self.kind, str(bus.publisher.bus_dir), *self.options)
         # Its own session: the terminal's SIGINT / SIGHUP go to fg-train's process group, not to the sink,
         # which must outlive fg-train's stop to write the run's last records.
         self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, start_new_session=True)

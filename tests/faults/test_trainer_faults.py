@@ -267,3 +267,14 @@ def test_the_resume_command_printed_at_a_signal_keeps_the_options_and_continues_
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["global_step"] == 150 and state["max_steps"] == 150, state["global_step"]
+
+
+def test_a_sinks_resume_command_keeps_the_options_it_was_started_with(tmp_path):
+    from trainer.sink_callbacks import JsonLogger, TBLogger
+
+    for callback, option in ((JsonLogger(out=str(tmp_path / "my log.jsonl")), "--out"),
+                             (TBLogger(str(tmp_path / "tb")), "--logdir")):
+        callback.options, callback.run_dir = callback.sink_args(None), str(tmp_path / "run")
+        argv = shlex.split(callback.resume_command)
+        assert argv[:4] == ["fg-sink", callback.kind, "--run", str(tmp_path / "run")], argv
+        assert argv[argv.index(option) + 1] in (str(tmp_path / "my log.jsonl"), str(tmp_path / "tb")), argv
