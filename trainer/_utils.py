@@ -93,3 +93,11 @@ def nested_concat(chunks: list[torch.Tensor]) -> np.ndarray | list:
         return torch.cat(chunks, dim=0).float().numpy() if chunks[0].is_floating_point() else torch.cat(chunks).numpy()
     except RuntimeError:
         return [c.numpy() for c in chunks]
+
+
+def call_model(model, inputs):
+    if isinstance(inputs, Mapping):
+        return model(**inputs)
+    if isinstance(inputs, (list, tuple)):
+        return model(*inputs)
+    return model(inputs)

@@ -12,7 +12,6 @@ import contextlib
 import logging
 import math
 import os
-import shutil
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -22,8 +21,9 @@ import torch
 from . import _checkpoint as ckpt
 from . import distributed
 from ._optim import create_optimizer, create_scheduler
-from ._utils import (EvalLoopOutput, PredictionOutput, TrainOutput, batch_size_of, logits_from_outputs,
-                     loss_from_outputs, nested_concat, set_seed, speed_metrics, to_device)
+from ._evaluation import EvaluationMixin
+from ._saving import CheckpointMixin
+from ._utils import TrainOutput, call_model, loss_from_outputs, set_seed, speed_metrics, to_device
 from .callbacks import CallbackHandler, DefaultFlowCallback
 from .data import EpochSampler, default_data_collator
 from .default_callbacks import InfoCallback, PrinterCallback, ProgressCallback
@@ -35,14 +35,17 @@ logger = logging.getLogger(__name__)
 _get_total_norm = getattr(torch.nn.utils, "get_total_norm", None)  # torch >= 2.6
 
 
-class Trainer:
+class Trainer(EvaluationMixin, CheckpointMixin):
     def __init__(self, model=None, args: TrainingArguments | None = None, data_collator=None, train_dataset=None,
-                 eval_dataset=None, processing_class=None, compute_loss_func=None, callbacks=None,
-                 optimizers=(None, None), *, event_bus=None):
+                 eval_dataset=None, processing_class=None, model_init=None, compute_loss_func=None,
+                 compute_metrics=None, callbacks=None, optimizers=(None, None), optimizer_cls_and_kwargs=None,
+                 preprocess_logits_for_metrics=None, *, event_bus=None):
         """transformers' signature, plus `event_bus`: a callback placed before all others so it sees every
         event first (fg-train passes a `BusCallback`, which publishes each one)."""
+        if model is None and model_init is not None:
+            model = model_init()
         if model is None:
-            raise ValueError("Trainer needs a model")
+            raise ValueError("Trainer needs a model (or a model_init that returns one)")
         self.args = args if args is not None else TrainingArguments(output_dir="trainer_output")
         if self.args.eval_strategy != IntervalStrategy.NO and eval_dataset is None:
             raise ValueError(f"eval_strategy={self.args.eval_strategy.value!r} needs an eval_dataset; pass one, or "
@@ -63,6 +66,9 @@ class Trainer:
         self.eval_dataset = eval_dataset
         self.processing_class = processing_class
         self.compute_loss_func = compute_loss_func
+        self.compute_metrics = compute_metrics
+        self.preprocess_logits_for_metrics = preprocess_logits_for_metrics
+        self.optimizer_cls_and_kwargs = optimizer_cls_and_kwargs
         self.optimizer, self.lr_scheduler = optimizers
 
         progress = PrinterCallback if self.args.disable_tqdm else ProgressCallback
@@ -187,6 +193,8 @@ class Trainer:
 
         self.control = self.callback_handler.on_train_begin(args, self.state, self.control,
                                                             eval_dataset=self.eval_dataset)
+        if args.eval_on_start:
+            self.evaluate()  # as transformers: metrics logged, on_evaluate fired, no best-model bookkeeping
         for epoch in range(epochs_trained, num_train_epochs):
             self.control = self.callback_handler.on_epoch_begin(args, self.state, self.control)
             resuming_here = checkpoint is not None and epoch == epochs_trained
@@ -357,10 +365,10 @@ class Trainer:
         if self.compute_loss_func is not None:
             inputs = dict(inputs)
             labels = inputs.pop("labels", None)
-            outputs = _call_model(model, inputs)
+            outputs = call_model(model, inputs)
             loss = self.compute_loss_func(outputs, labels, num_items_in_batch=num_items_in_batch)
         else:
-            outputs = _call_model(model, inputs)
+            outputs = call_model(model, inputs)
             loss = loss_from_outputs(outputs)
             if loss is None:
                 keys = list(outputs.keys()) if isinstance(outputs, Mapping) else type(outputs).__name__
@@ -440,148 +448,6 @@ class Trainer:
         if self.event_bus is not None and hasattr(self.event_bus, "close"):
             self.event_bus.close()  # after every on_train_end, so records they publish are in the run
         return TrainOutput(self.state.global_step, train_loss, metrics)
-
-    # -- checkpoints ------------------------------------------------------------------------------------
-
-    def _save_checkpoint(self) -> Path:
-        """Rank 0 writes the checkpoint under a temporary name, every rank adds its RNG state, and rank 0
-        renames it when complete: a crash mid-save never leaves a half-written checkpoint for
-        `resume_from_checkpoint=True` to pick up."""
-        args = self.args
-        folder = Path(args.output_dir, f"{ckpt.PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-        tmp = folder.with_name(folder.name + ".tmp")
-        if args.save_strategy in (SaveStrategy.STEPS, SaveStrategy.EPOCH, SaveStrategy.BEST) and \
-                self.state.best_global_step:
-            best = Path(args.output_dir, f"{ckpt.PREFIX_CHECKPOINT_DIR}-{self.state.best_global_step}")
-            if best.exists() or best == folder:
-                self.state.best_model_checkpoint = str(best)
-        if args.should_save:
-            self._write_checkpoint(tmp)
-        distributed.barrier()
-        if not args.save_only_model:
-            ckpt.save_rng_state(tmp, args.process_index, args.world_size)
-        distributed.barrier()
-        if args.should_save:
-            ckpt.write_checksums(tmp)  # every rank's files are in: the checkpoint is complete
-            shutil.rmtree(folder, ignore_errors=True)
-            os.replace(tmp, folder)
-            ckpt.rotate_checkpoints(args.output_dir, args.save_total_limit, self.state.best_model_checkpoint)
-        distributed.barrier()
-        return folder
-
-    def _write_checkpoint(self, tmp: Path) -> None:
-        args = self.args
-        shutil.rmtree(tmp, ignore_errors=True)
-        ckpt.save_model_weights(self.model, tmp, self.processing_class)
-        if not args.save_only_model:
-            ckpt.save_training_state(tmp, self.optimizer, self.lr_scheduler)
-            ckpt.save_data_position(tmp, *self._data_position, args.world_size)
-        self.state.stateful_callbacks = TrainerState.export_callback_states(self._stateful_callbacks())
-        self.state.save_to_json(str(tmp / ckpt.TRAINER_STATE_NAME))
-        (tmp / "training_args.json").write_text(args.to_json_string(), encoding="utf-8")
-
-    def save_model(self, output_dir: str | None = None) -> Path:
-        """Save the model (and the processing class) to `output_dir` (default: args.output_dir)."""
-        directory = Path(output_dir or self.args.output_dir)
-        if self.args.should_save:
-            ckpt.save_model_weights(self.model, directory, self.processing_class)
-            (directory / "training_args.json").write_text(self.args.to_json_string(), encoding="utf-8")
-        return directory
-
-    def _determine_best_metric(self, metrics: dict[str, float]) -> bool:
-        name = self.args.metric_for_best_model
-        if name is None:
-            return False
-        if not name.startswith("eval_"):
-            name = f"eval_{name}"
-        if name not in metrics:
-            raise KeyError(f"metric_for_best_model={self.args.metric_for_best_model!r}: {name!r} is not among the "
-                           f"evaluation metrics {sorted(metrics)}")
-        value = metrics[name]
-        better = (lambda a, b: a > b) if self.args.greater_is_better else (lambda a, b: a < b)
-        if self.state.best_metric is None or better(value, self.state.best_metric):
-            self.state.best_metric = value
-            if self.args.save_strategy in (SaveStrategy.STEPS, SaveStrategy.EPOCH, SaveStrategy.BEST):
-                self.state.best_global_step = self.state.global_step
-            return True
-        return False
-
-    # -- evaluation and prediction ----------------------------------------------------------------------
-
-    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
-        """Evaluate; logs `{prefix}_loss` and speed metrics (on_log), then fires on_evaluate."""
-        output = self._timed_loop(eval_dataset, "Evaluation", True, metric_key_prefix)
-        self.log(output.metrics)
-        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control,
-                                                         metrics=output.metrics)
-        return output.metrics
-
-    def predict(self, test_dataset, ignore_keys=None, metric_key_prefix: str = "test") -> PredictionOutput:
-        """Run the model over `test_dataset`; returns predictions (logits), labels and metrics; fires on_predict."""
-        output = self._timed_loop(test_dataset, "Prediction", False, metric_key_prefix)
-        self.control = self.callback_handler.on_predict(self.args, self.state, self.control,
-                                                        metrics=output.metrics)
-        return PredictionOutput(output.predictions, output.label_ids, output.metrics)
-
-    def _timed_loop(self, dataset, description: str, prediction_loss_only: bool, prefix: str) -> EvalLoopOutput:
-        dataloader = self.get_eval_dataloader(dataset)
-        start_time = time.time()
-        output = self.evaluation_loop(dataloader, description, prediction_loss_only=prediction_loss_only,
-                                      metric_key_prefix=prefix)
-        batches = math.ceil(output.num_samples / self.args.eval_batch_size)
-        output.metrics.update(speed_metrics(prefix, start_time, output.num_samples, batches))
-        return output
-
-    def evaluation_loop(self, dataloader, description: str, prediction_loss_only: bool | None = None,
-                        ignore_keys=None, metric_key_prefix: str = "eval") -> EvalLoopOutput:
-        self.callback_handler.eval_dataloader = dataloader
-        model = self.model
-        model.eval()
-        loss_sum = torch.zeros((), device=self.args.device, dtype=torch.float64)
-        has_loss = False
-        num_samples = 0
-        logits_chunks, label_chunks = [], []
-        for inputs in dataloader:
-            batch_size = batch_size_of(inputs)
-            loss, logits, labels = self.prediction_step(model, inputs, prediction_loss_only)
-            if loss is not None:
-                loss_sum += loss.double() * batch_size  # mean over examples, as transformers computes it
-                has_loss = True
-            if not prediction_loss_only:
-                if logits is not None:
-                    logits_chunks.append(logits.detach().float().cpu())
-                if labels is not None:
-                    label_chunks.append(labels.detach().cpu())
-            num_samples += batch_size
-            self.control = self.callback_handler.on_prediction_step(self.args, self.state, self.control)
-        metrics: dict[str, float] = {}
-        if has_loss:
-            # Sync point (end of evaluation): one read of the summed loss.
-            metrics[f"{metric_key_prefix}_loss"] = loss_sum.item() / max(num_samples, 1)
-        predictions = nested_concat(logits_chunks) if logits_chunks else None
-        label_ids = nested_concat(label_chunks) if label_chunks else None
-        return EvalLoopOutput(predictions, label_ids, metrics, num_samples)
-
-    def prediction_step(self, model, inputs, prediction_loss_only: bool | None, ignore_keys=None):
-        inputs = to_device(inputs, self.args.device)
-        labels = inputs.get("labels") if isinstance(inputs, Mapping) else None
-        with torch.no_grad(), self._autocast():
-            if labels is not None or self.compute_loss_func is not None:
-                loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
-                loss = loss.detach()
-            else:
-                loss, outputs = None, _call_model(model, inputs)
-        if prediction_loss_only:
-            return loss, None, None
-        return loss, logits_from_outputs(outputs), labels
-
-
-def _call_model(model, inputs):
-    if isinstance(inputs, Mapping):
-        return model(**inputs)
-    if isinstance(inputs, (list, tuple)):
-        return model(*inputs)
-    return model(inputs)
 
 
 def _length(dataloader) -> int | None:

@@ -91,6 +91,13 @@ class TrainingArguments:
     eval_strategy: IntervalStrategy | str = "no"
     eval_steps: float | None = None
     eval_delay: float = 0
+    eval_on_start: bool = False
+
+    # Evaluation and prediction
+    prediction_loss_only: bool = False
+    eval_do_concat_batches: bool = True
+    include_for_metrics: list[str] = dataclasses.field(default_factory=list)  # "inputs", "loss"
+    batch_eval_metrics: bool = False
     save_strategy: SaveStrategy | str = "steps"
     save_steps: float = 500
     save_total_limit: int | None = None
@@ -113,6 +120,11 @@ class TrainingArguments:
     disable_tqdm: bool | None = None
     dataloader_num_workers: int = 0
     dataloader_drop_last: bool = False
+
+    # Columns and loss
+    remove_unused_columns: bool = True
+    label_names: list[str] | None = None
+    average_tokens_across_devices: bool = True
     report_to: str | list[str] | None = "none"
 
     def __post_init__(self) -> None:
