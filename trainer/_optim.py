@@ -1,26 +1,110 @@
-"""AdamW and the learning-rate schedules named by `TrainingArguments.lr_scheduler_type`."""
+"""The optimizer (transformers' parameter groups and default AdamW) and the learning-rate schedules named by
+`TrainingArguments.lr_scheduler_type`."""
 
 from __future__ import annotations
 
 import functools
 import math
+import re
 
 import torch
 
 from .training_args import SchedulerType
 
+# transformers' rule (`Trainer.get_decay_parameter_names`): no weight decay for parameters inside an
+# nn.LayerNorm, nor for any whose dotted name (lower-cased) matches one of these.
+NO_DECAY_NAME_PATTERNS = tuple(re.compile(p) for p in
+                               (r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)"))
+NO_DECAY_MODULE_TYPES = (torch.nn.LayerNorm,)
+_TORCH_VERSION = tuple(int(part) for part in torch.__version__.split(".")[:2])
 
-def create_optimizer(model: torch.nn.Module, args) -> torch.optim.Optimizer:
-    """AdamW; biases and norm weights (every parameter with fewer than two dimensions) get no weight decay."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(
-        [g for g in groups if g["params"]], lr=args.learning_rate,
-        betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
-    )
+
+def decay_parameter_names(model: torch.nn.Module) -> list[str]:
+    """Names of the parameters that get weight decay. The patterns are tested at every level of nesting,
+    on the name relative to that level, as transformers' `get_parameter_names` tests them."""
+    def forbidden(name: str) -> bool:
+        return any(p.search(name.lower()) for p in NO_DECAY_NAME_PATTERNS)
+
+    names = []
+    for child_name, child in model.named_children():
+        if isinstance(child, NO_DECAY_MODULE_TYPES):
+            continue
+        names += [f"{child_name}.{n}" for n in decay_parameter_names(child) if not forbidden(f"{child_name}.{n}")]
+    names += [k for k in model._parameters if not forbidden(k)]
+    return names
+
+
+def parameter_groups(model: torch.nn.Module, decay_names, weight_decay: float) -> list[dict]:
+    """Two groups, always both and in this order (either may be empty), as transformers builds them:
+    trainable parameters named in `decay_names`, then the other trainable parameters."""
+    decay = set(decay_names)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return [{"params": [p for n, p in named if n in decay], "weight_decay": weight_decay},
+            {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0}]
+
+
+def default_optimizer_cls_and_kwargs(args) -> tuple[type, dict]:
+    """torch's AdamW from the arguments' `optim`: "adamw_torch" (plain) or "adamw_torch_fused". transformers'
+    default is the fused one on torch >= 2.8; ours is too on CUDA, but on the CPU it is the plain one: torch's
+    fused CPU kernel took a resume test from 1 s to 45 s with two busy processes beside it (its worker
+    threads contend for the cores), and the two give equal results to float rounding. Other optimizers:
+    pass `optimizer_cls_and_kwargs=` or `optimizers=` to the Trainer."""
+    default = "adamw_torch_fused" if _TORCH_VERSION >= (2, 8) and args.device.type == "cuda" else "adamw_torch"
+    optim = getattr(args, "optim", None) or default
+    optim = str(getattr(optim, "value", optim))
+    if optim not in ("adamw_torch", "adamw_torch_fused"):
+        raise ValueError(f"optim={optim!r} is not supported here (only 'adamw_torch' and 'adamw_torch_fused'); "
+                         "pass optimizer_cls_and_kwargs=(cls, kwargs) to the Trainer instead")
+    kwargs = {"lr": args.learning_rate, "betas": (args.adam_beta1, args.adam_beta2), "eps": args.adam_epsilon}
+    if optim == "adamw_torch_fused":
+        kwargs["fused"] = True
+    return torch.optim.AdamW, kwargs
+
+
+def build_optimizer(model: torch.nn.Module, groups: list[dict], optimizer_cls, optimizer_kwargs: dict):
+    """Instantiate as transformers does: a `torch.optim.Optimizer` subclass gets the groups (or the
+    `params` / `model` / `optimizer_dict` its kwargs carry instead); anything else is a factory, called
+    with no arguments, whose result is called with (model, **kwargs)."""
+    kwargs = dict(optimizer_kwargs)  # transformers pops from the caller's dict; we leave it alone
+    if not (isinstance(optimizer_cls, type) and issubclass(optimizer_cls, torch.optim.Optimizer)):
+        return optimizer_cls()(model, **kwargs)
+    for key in ("params", "model", "optimizer_dict"):
+        if key in kwargs:
+            groups = kwargs.pop(key)
+    return optimizer_cls(groups, **kwargs)
+
+
+class OptimizerMixin:
+    """transformers' optimizer and schedule methods, for `Trainer` (it reads `self.model`, `self.args`,
+    `self.optimizer`, `self.lr_scheduler`, `self.optimizer_cls_and_kwargs`)."""
+
+    def create_optimizer_and_scheduler(self, num_training_steps: int) -> None:
+        self.create_optimizer()
+        self.create_scheduler(num_training_steps)
+
+    def create_optimizer(self, model=None) -> torch.optim.Optimizer:
+        """AdamW (or `optimizer_cls_and_kwargs`) over transformers' two parameter groups; kept if one exists."""
+        if self.optimizer is None:
+            model = self.model if model is None else model
+            groups = parameter_groups(model, self.get_decay_parameter_names(model), self.args.weight_decay)
+            cls, kwargs = (self.optimizer_cls_and_kwargs if self.optimizer_cls_and_kwargs is not None
+                           else self.get_optimizer_cls_and_kwargs(self.args, model))
+            self.optimizer = build_optimizer(model, groups, cls, kwargs)
+        return self.optimizer
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        if self.lr_scheduler is None:
+            self.lr_scheduler = build_scheduler(optimizer if optimizer is not None else self.optimizer, self.args,
+                                                num_training_steps)
+            self._created_lr_scheduler = True
+        return self.lr_scheduler
+
+    @staticmethod
+    def get_optimizer_cls_and_kwargs(args, model=None) -> tuple[type, dict]:
+        return default_optimizer_cls_and_kwargs(args)
+
+    def get_decay_parameter_names(self, model) -> list[str]:
+        return decay_parameter_names(model)
 
 
 # Each factor is a module-level function bound with functools.partial: picklable, and LambdaLR's
@@ -68,7 +152,7 @@ def _inverse_sqrt(step: int, warmup: int) -> float:
     return 1.0 / math.sqrt((step + shift - warmup) / shift)
 
 
-def create_scheduler(optimizer: torch.optim.Optimizer, args, num_training_steps: int):
+def build_scheduler(optimizer: torch.optim.Optimizer, args, num_training_steps: int):
     warmup = args.get_warmup_steps(num_training_steps)
     kind = args.lr_scheduler_type
     factors = {

@@ -97,7 +97,11 @@ class CharGPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, **_) -> CausalLMOutput:
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, num_items_in_batch=None,
+                **_) -> CausalLMOutput:
+        """`num_items_in_batch` (the label count of the whole accumulated batch, passed by the Trainer as
+        transformers passes it to models that take `**kwargs`) makes the loss a sum over it, so gradient
+        accumulation over padded micro-batches averages over tokens, not over micro-batches."""
         t = input_ids.shape[1]
         if t > self.config.block_size:
             raise ValueError(f"sequence of {t} tokens is longer than block_size={self.config.block_size}")
@@ -108,7 +112,11 @@ class CharGPT(nn.Module):
         logits = self.head(self.ln_f(x))
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100)
+            flat = (logits.view(-1, logits.size(-1)), labels.reshape(-1))
+            if num_items_in_batch is None:
+                loss = F.cross_entropy(*flat, ignore_index=-100)
+            else:
+                loss = F.cross_entropy(*flat, ignore_index=-100, reduction="sum") / num_items_in_batch
         return CausalLMOutput(loss=loss, logits=logits)
 
     @torch.no_grad()
@@ -137,22 +145,34 @@ class CharGPT(nn.Module):
         return ids
 
     def save_pretrained(self, directory: str | Path) -> None:
-        """Weights and `config.json`, so `CharGPT.from_pretrained(directory)` rebuilds the model."""
+        """`config.json` and `model.safetensors`, so `CharGPT.from_pretrained(directory)` rebuilds the model.
+        (Checkpoints hold `model.safetensors` only, as transformers saves a model that is not its own;
+        `from_pretrained(checkpoint, config=...)` loads one.)"""
+        from ._checkpoint import SAFE_WEIGHTS_NAME, _save_state_dict
+
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         (directory / "config.json").write_text(
             json.dumps({"model_type": "char_gpt", "factory": "trainer.chargpt:CharGPT", **self.config.to_dict()},
                        indent=2), encoding="utf-8")
-        torch.save(self.state_dict(), directory / "pytorch_model.bin")
+        _save_state_dict(self.state_dict(), directory / SAFE_WEIGHTS_NAME)
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> "CharGPT":
+    def from_pretrained(cls, directory: str | Path, config: CharGPTConfig | dict | None = None) -> "CharGPT":
+        """The model saved in `directory` (by save_pretrained, or a checkpoint given its `config`)."""
+        from ._checkpoint import load_model_weights
+
         directory = Path(directory)
-        data = json.loads((directory / "config.json").read_text(encoding="utf-8"))
-        fields = {f.name for f in dataclasses.fields(CharGPTConfig)}
-        model = cls(CharGPTConfig(**{k: v for k, v in data.items() if k in fields}))
-        model.load_state_dict(torch.load(directory / "pytorch_model.bin", map_location=map_location,
-                                         weights_only=True))
+        if config is None:
+            path = directory / "config.json"
+            if not path.is_file():
+                raise FileNotFoundError(f"{path} is missing: a checkpoint holds only the weights; pass "
+                                        "config= (the CharGPTConfig the run was trained with)")
+            data = json.loads(path.read_text(encoding="utf-8"))
+            fields = {f.name for f in dataclasses.fields(CharGPTConfig)}
+            config = CharGPTConfig(**{k: v for k, v in data.items() if k in fields})
+        model = cls(config)
+        load_model_weights(model, directory)
         return model
 
 

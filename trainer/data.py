@@ -1,42 +1,190 @@
 """Data for the built-in default: the standard library's own documentation as a character corpus,
-a character tokenizer, fixed-length blocks for next-character prediction, and the default collator.
+a character tokenizer, fixed-length blocks for next-character prediction; and what every run uses: the
+default collator and the removal of example fields the model's forward does not take (transformers' rules).
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 logger = logging.getLogger(__name__)
 
 
 def default_data_collator(features: Sequence[Mapping]) -> dict:
-    """Stack a list of dicts of tensors / numbers / lists into a dict of batched tensors."""
+    """Stack a list of dicts of tensors / arrays / numbers / lists into a dict of batched tensors, as
+    transformers' `default_data_collator` does.
+
+    A `label` (one number per example) or, failing that, a `label_ids` (a list or tensor per example)
+    field becomes `labels`: long for integer labels, float for float ones. Fields that are None or strings
+    are left out. Objects that are not mappings are read through `vars()` (dataclasses, for instance).
+    """
     if not features:
         raise ValueError("default_data_collator got an empty batch")
+    if not isinstance(features[0], Mapping):
+        try:
+            features = [vars(f) for f in features]
+        except TypeError:
+            raise TypeError(
+                f"default_data_collator expects each example to be a dict of tensors or numbers, got "
+                f"{type(features[0]).__name__}; pass data_collator= to the Trainer for other shapes") from None
     first = features[0]
-    if not isinstance(first, Mapping):
-        raise TypeError(
-            f"default_data_collator expects each example to be a dict of tensors or numbers, got {type(first).__name__}; "
-            "pass data_collator= to the Trainer for other shapes"
-        )
     batch = {}
+    if first.get("label") is not None:
+        label = first["label"].item() if isinstance(first["label"], torch.Tensor) else first["label"]
+        dtype = torch.long if isinstance(label, (int, np.integer)) else torch.float
+        batch["labels"] = torch.tensor([f["label"] for f in features], dtype=dtype)
+    elif first.get("label_ids") is not None:
+        if isinstance(first["label_ids"], torch.Tensor):
+            batch["labels"] = torch.stack([f["label_ids"] for f in features])
+        else:
+            dtype = torch.long if isinstance(first["label_ids"][0], (int, np.integer)) else torch.float
+            batch["labels"] = torch.tensor([f["label_ids"] for f in features], dtype=dtype)
     for key, value in first.items():
+        if key in ("label", "label_ids") or value is None or isinstance(value, str):
+            continue
         values = [f[key] for f in features]
         if isinstance(value, torch.Tensor):
             batch[key] = torch.stack(values)
-        elif isinstance(value, (bool, int, float, list, tuple)):
-            batch[key] = torch.tensor(values)
-        elif value is None or isinstance(value, str):
-            batch[key] = values
+        elif isinstance(value, np.ndarray):
+            batch[key] = torch.from_numpy(np.stack(values))
         else:
-            raise TypeError(f"default_data_collator cannot batch field {key!r} of type {type(value).__name__}")
+            batch[key] = torch.tensor(values)
     return batch
+
+
+# -- columns: what reaches the model's forward ------------------------------------------------------------
+
+def label_names_of(model: torch.nn.Module) -> list[str]:
+    """The forward parameters that carry labels, by transformers' rule (`find_labels`): every parameter whose
+    name contains "label", plus start/end positions for question-answering models."""
+    names = inspect.signature(type(model).forward).parameters
+    if "QuestionAnswering" in type(model).__name__:
+        return [p for p in names if "label" in p or p in ("start_positions", "end_positions")]
+    return [p for p in names if "label" in p]
+
+
+def signature_columns(model: torch.nn.Module, label_names: Sequence[str]) -> list[str]:
+    """The example fields `remove_unused_columns` keeps: the names of `model.forward`'s parameters, plus
+    `label` / `label_ids` (the default collator renames them) and the label names.
+
+    As in transformers, a forward that takes `**kwargs` does not keep every field: only its named
+    parameters (and the literal name of the `**` parameter) count.
+    """
+    columns = list(inspect.signature(model.forward).parameters)
+    return columns + sorted({"label", "label_ids", *label_names})
+
+
+class RemoveColumnsCollator:
+    """Wraps a collator: each example that is a `dict` loses the fields not in `signature_columns` first.
+
+    This is how transformers removes unused columns of any dataset that is not a `datasets.Dataset` (a
+    torch Dataset of dicts, an IterableDataset): per example, in the collator, for training, evaluation and
+    prediction alike. Examples that are not dicts go through untouched.
+    """
+
+    def __init__(self, data_collator, signature_columns: Sequence[str], model_name: str = "",
+                 description: str | None = None):
+        self.data_collator = data_collator
+        self.signature_columns = set(signature_columns)
+        self.model_name = model_name
+        self.description = description
+        self.message_logged = False
+
+    def _remove_columns(self, feature):
+        if not isinstance(feature, dict):
+            return feature
+        if not self.message_logged:
+            ignored = sorted(set(feature) - self.signature_columns)
+            if ignored:
+                where = "" if self.description is None else f" in the {self.description} set"
+                logger.info("The following columns%s have no matching argument in `%s.forward` and have been "
+                            "ignored: %s.", where, self.model_name, ", ".join(ignored))
+                self.message_logged = True
+        return {k: v for k, v in feature.items() if k in self.signature_columns}
+
+    def __call__(self, features):
+        return self.data_collator([self._remove_columns(f) for f in features])
+
+
+class DataMixin:
+    """The data loaders of `Trainer`, built as transformers builds them (it reads `self.args`, `self.model`,
+    `self.data_collator`, `self.train_dataset`, `self.eval_dataset`, `self.label_names`)."""
+
+    def get_train_dataloader(self) -> torch.utils.data.DataLoader:
+        if self.train_dataset is None:
+            raise ValueError("Trainer.train() needs a train_dataset")
+        sampler = None
+        if not isinstance(self.train_dataset, torch.utils.data.IterableDataset):
+            sampler = EpochSampler(len(self.train_dataset), seed=self.args.seed, rank=self.args.process_index,
+                                   world_size=self.args.world_size)
+        return self._dataloader(self.train_dataset, self.args.per_device_train_batch_size, sampler, "Training")
+
+    def get_eval_dataloader(self, eval_dataset=None) -> torch.utils.data.DataLoader:
+        """`eval_dataset` may be a dataset, or the name of one when the Trainer's eval_dataset is a dict."""
+        if eval_dataset is None and self.eval_dataset is None:
+            raise ValueError("evaluation needs an eval_dataset (pass it to the Trainer or to evaluate())")
+        if isinstance(eval_dataset, str):
+            eval_dataset = self.eval_dataset[eval_dataset]
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        return self._dataloader(dataset, self.args.per_device_eval_batch_size, None, "Evaluation")
+
+    def get_test_dataloader(self, test_dataset) -> torch.utils.data.DataLoader:
+        return self._dataloader(test_dataset, self.args.per_device_eval_batch_size, None, "test")
+
+    def _dataloader(self, dataset, batch_size: int, sampler, description: str) -> torch.utils.data.DataLoader:
+        """As transformers' `_get_dataloader`: unused columns removed (from a `datasets.Dataset` itself,
+        otherwise per example in the collator), and `dataloader_drop_last` applied to every dataset with a
+        length, for evaluation and prediction too."""
+        collator = self.data_collator
+        if _is_hf_dataset(dataset):
+            dataset = self._remove_unused_columns(dataset, description)
+        else:
+            collator = self._get_collator_with_removed_columns(collator, description)
+        # A private generator: creating an iterator must not draw from the global RNG, or resuming would
+        # shift every random number after it.
+        generator = torch.Generator()
+        generator.manual_seed(self.args.seed)
+        iterable = isinstance(dataset, torch.utils.data.IterableDataset)
+        return torch.utils.data.DataLoader(
+            dataset, batch_size=batch_size, sampler=sampler, collate_fn=collator,
+            num_workers=self.args.dataloader_num_workers, drop_last=self.args.dataloader_drop_last and not iterable,
+            pin_memory=self.args.device.type == "cuda", generator=generator,
+        )
+
+    def _set_signature_columns_if_needed(self) -> None:
+        if self._signature_columns is None:
+            self._signature_columns = signature_columns(self.model, self.label_names)
+
+    def _get_collator_with_removed_columns(self, data_collator, description: str | None = None):
+        if not self.args.remove_unused_columns:
+            return data_collator
+        self._set_signature_columns_if_needed()
+        return RemoveColumnsCollator(data_collator, self._signature_columns, type(self.model).__name__, description)
+
+    def _remove_unused_columns(self, dataset, description: str | None = None):
+        """A `datasets.Dataset` loses the columns the model's forward does not take (as transformers)."""
+        if not self.args.remove_unused_columns:
+            return dataset
+        self._set_signature_columns_if_needed()
+        ignored = sorted(set(dataset.column_names) - set(self._signature_columns))
+        if not [c for c in self._signature_columns if c in dataset.column_names]:
+            raise ValueError(f"no column of the {description} set matches the arguments of "
+                             f"{type(self.model).__name__}.forward ({', '.join(self._signature_columns)}); the "
+                             f"dataset has {', '.join(ignored)}. Set remove_unused_columns=False to keep them.")
+        return dataset.remove_columns(ignored) if ignored else dataset
+
+
+def _is_hf_dataset(dataset) -> bool:
+    """A `datasets.Dataset`, without importing `datasets` (it is not a dependency)."""
+    return any(c.__module__.startswith("datasets") and c.__name__ == "Dataset" for c in type(dataset).__mro__)
 
 
 def stdlib_text() -> str:

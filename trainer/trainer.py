@@ -9,6 +9,7 @@ evaluation, or at the end of training.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import math
 import os
@@ -20,12 +21,12 @@ import torch
 
 from . import _checkpoint as ckpt
 from . import distributed
-from ._optim import create_optimizer, create_scheduler
+from ._optim import OptimizerMixin
 from ._evaluation import EvaluationMixin
 from ._saving import CheckpointMixin
 from ._utils import TrainOutput, call_model, loss_from_outputs, set_seed, speed_metrics, to_device
 from .callbacks import CallbackHandler, DefaultFlowCallback
-from .data import EpochSampler, default_data_collator
+from .data import DataMixin, EpochSampler, default_data_collator, label_names_of
 from .default_callbacks import InfoCallback, PrinterCallback, ProgressCallback
 from .state import TrainerControl, TrainerState, _is_exportable
 from .training_args import IntervalStrategy, SaveStrategy, TrainingArguments
@@ -35,17 +36,30 @@ logger = logging.getLogger(__name__)
 _get_total_norm = getattr(torch.nn.utils, "get_total_norm", None)  # torch >= 2.6
 
 
-class Trainer(EvaluationMixin, CheckpointMixin):
+class Trainer(DataMixin, EvaluationMixin, CheckpointMixin, OptimizerMixin):
+    # Whether `compute_loss` returns a loss already scaled for gradient accumulation. None: decided as
+    # transformers decides it (scaled when normalised by num_items_in_batch, by the model or by
+    # compute_loss_func). A subclass with its own compute_loss sets True or False.
+    loss_is_scaled_for_ga: bool | None = None
+
     def __init__(self, model=None, args: TrainingArguments | None = None, data_collator=None, train_dataset=None,
                  eval_dataset=None, processing_class=None, model_init=None, compute_loss_func=None,
                  compute_metrics=None, callbacks=None, optimizers=(None, None), optimizer_cls_and_kwargs=None,
                  preprocess_logits_for_metrics=None, *, event_bus=None):
         """transformers' signature, plus `event_bus`: a callback placed before all others so it sees every
         event first (fg-train passes a `BusCallback`, which publishes each one)."""
+        if model is not None and model_init is not None:
+            raise ValueError("Trainer takes a model or a model_init, not both")  # as transformers
+        self.model_init = model_init
         if model is None and model_init is not None:
-            model = model_init()
+            model = self._call_model_init()
         if model is None:
             raise ValueError("Trainer needs a model (or a model_init that returns one)")
+        if optimizer_cls_and_kwargs is not None and optimizers[0] is not None:
+            raise RuntimeError("pass optimizers= or optimizer_cls_and_kwargs=, not both")
+        if model_init is not None and (optimizers[0] is not None or optimizers[1] is not None):
+            raise RuntimeError("optimizers= cannot be used with model_init (each train() builds a new model); "
+                               "override create_optimizer_and_scheduler instead")
         self.args = args if args is not None else TrainingArguments(output_dir="trainer_output")
         if self.args.eval_strategy != IntervalStrategy.NO and eval_dataset is None:
             raise ValueError(f"eval_strategy={self.args.eval_strategy.value!r} needs an eval_dataset; pass one, or "
@@ -53,14 +67,9 @@ class Trainer(EvaluationMixin, CheckpointMixin):
         # Under torchrun: join the process group before anything reads the rank (state, callbacks, data).
         self.distributed = distributed.setup(self.args)
         set_seed(self.args.seed)
-        self.model = model.to(self.args.device)
         # What the training step runs: the model itself, or its DistributedDataParallel wrapper. Callbacks,
         # evaluation and checkpoints see `self.model`, as in transformers.
-        self.model_wrapped = self.model
-        if self.distributed:
-            device = self.args.device
-            self.model_wrapped = torch.nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[device.index] if device.type == "cuda" else None)
+        self._set_model(model)
         self.data_collator = data_collator if data_collator is not None else default_data_collator
         self.train_dataset = train_dataset
         self.eval_dataset = eval_dataset
@@ -70,16 +79,21 @@ class Trainer(EvaluationMixin, CheckpointMixin):
         self.preprocess_logits_for_metrics = preprocess_logits_for_metrics
         self.optimizer_cls_and_kwargs = optimizer_cls_and_kwargs
         self.optimizer, self.lr_scheduler = optimizers
+        self._created_lr_scheduler = False  # True when we built the schedule: train() builds it afresh
+        self.current_flos = 0.0  # this process' flos since the last store_flos(), counted on the host
 
         progress = PrinterCallback if self.args.disable_tqdm else ProgressCallback
         self.event_bus = event_bus
         if event_bus is not None and hasattr(event_bus, "trainer"):
             event_bus.trainer = self  # it reads step_loss / step_grad_norm at on_step_end
+        defaults, jit = self._integration_callbacks()
         self.callback_handler = CallbackHandler(
-            [*([event_bus] if event_bus is not None else []), DefaultFlowCallback, *(callbacks or []), progress,
-             InfoCallback],
+            [*([event_bus] if event_bus is not None else []), DefaultFlowCallback, *defaults, *(callbacks or []),
+             progress, InfoCallback],
             self.model, self.processing_class, self.optimizer, self.lr_scheduler,
         )
+        if jit is not None:
+            jit.set_trainer(self)  # its SIGTERM handler saves a checkpoint at the next step boundary
         self.state = TrainerState(is_local_process_zero=self.is_local_process_zero(),
                                   is_world_process_zero=self.is_world_process_zero())
         self.control = TrainerControl()
@@ -90,7 +104,56 @@ class Trainer(EvaluationMixin, CheckpointMixin):
         self._data_position = (0, 0)  # (epoch, examples of it seen by all ranks): saved with checkpoints
         self.control = self.callback_handler.on_init_end(self.args, self.state, self.control)
 
+    def _call_model_init(self):
+        takes_trial = len(inspect.signature(self.model_init).parameters) > 0
+        model = self.model_init(None) if takes_trial else self.model_init()
+        if model is None:
+            raise RuntimeError("model_init returned None")
+        return model
+
+    def _inspect_model(self) -> None:
+        """What transformers reads from the model at __init__ (and we for each model model_init builds):
+        whether its forward takes loss kwargs (num_items_in_batch), its label names, and whether its loss
+        shifts labels (a causal LM: its tokens are counted over labels[..., 1:])."""
+        model = self.model
+        if hasattr(model, "accepts_loss_kwargs"):
+            self.model_accepts_loss_kwargs = bool(model.accepts_loss_kwargs)
+        else:
+            self.model_accepts_loss_kwargs = any(p.kind == inspect.Parameter.VAR_KEYWORD
+                                                 for p in inspect.signature(model.forward).parameters.values())
+        self.label_names = label_names_of(model) if self.args.label_names is None else list(self.args.label_names)
+        self._loss_shifts_labels = False
+        if getattr(model, "loss_type", None) is not None:  # set by transformers' PreTrainedModel
+            try:
+                from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
+            except ImportError:
+                return
+            self._loss_shifts_labels = (LOSS_MAPPING.get(model.loss_type) is ForCausalLMLoss and
+                                        not getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+
     # -- callbacks --------------------------------------------------------------------------------------
+
+    def _integration_callbacks(self) -> tuple[list, object | None]:
+        """transformers' callbacks for `report_to` and `enable_jit_checkpoint`, placed as transformers places
+        them: after DefaultFlowCallback, before the user's. Returns (callbacks, the JIT callback or None)."""
+        if not self.args.report_to and not self.args.enable_jit_checkpoint:
+            return [], None
+        try:
+            from transformers.integrations import get_available_reporting_integrations, \
+                get_reporting_integration_callbacks
+        except ImportError:
+            raise ImportError("report_to / enable_jit_checkpoint use transformers' integrations: install the hf "
+                              "extra (pip install 'fg-bus[hf]'), or set report_to='none'") from None
+        names = self.args.report_to
+        callbacks = get_reporting_integration_callbacks(
+            get_available_reporting_integrations() if names == ["all"] else names) if names else []
+        jit = None
+        if self.args.enable_jit_checkpoint:
+            from transformers.trainer_jit_checkpoint import JITCheckpointCallback
+
+            jit = JITCheckpointCallback()
+            callbacks.append(jit)
+        return callbacks, jit
 
     def add_callback(self, callback) -> None:
         self.callback_handler.add_callback(callback)
@@ -107,39 +170,16 @@ class Trainer(EvaluationMixin, CheckpointMixin):
     def is_local_process_zero(self) -> bool:
         return self.args.local_process_index == 0
 
-    # -- data -------------------------------------------------------------------------------------------
-
-    def get_train_dataloader(self) -> torch.utils.data.DataLoader:
-        if self.train_dataset is None:
-            raise ValueError("Trainer.train() needs a train_dataset")
-        sampler = None
-        if not isinstance(self.train_dataset, torch.utils.data.IterableDataset):
-            sampler = EpochSampler(len(self.train_dataset), seed=self.args.seed, rank=self.args.process_index,
-                                   world_size=self.args.world_size)
-        return self._dataloader(self.train_dataset, self.args.per_device_train_batch_size, sampler,
-                                drop_last=self.args.dataloader_drop_last)
-
-    def get_eval_dataloader(self, eval_dataset=None) -> torch.utils.data.DataLoader:
-        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
-        if dataset is None:
-            raise ValueError("evaluation needs an eval_dataset (pass it to the Trainer or to evaluate())")
-        return self._dataloader(dataset, self.args.per_device_eval_batch_size, None, drop_last=False)
-
-    def _dataloader(self, dataset, batch_size: int, sampler, drop_last: bool) -> torch.utils.data.DataLoader:
-        # A private generator: creating an iterator must not draw from the global RNG, or resuming would
-        # shift every random number after it.
-        generator = torch.Generator()
-        generator.manual_seed(self.args.seed)
-        return torch.utils.data.DataLoader(
-            dataset, batch_size=batch_size, sampler=sampler, collate_fn=self.data_collator,
-            num_workers=self.args.dataloader_num_workers, drop_last=drop_last,
-            pin_memory=self.args.device.type == "cuda", generator=generator,
-        )
-
     # -- training ---------------------------------------------------------------------------------------
 
-    def train(self, resume_from_checkpoint: str | bool | None = None) -> TrainOutput:
-        """Train; `resume_from_checkpoint` is a checkpoint directory, or True for the newest in output_dir."""
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None,
+              ignore_keys_for_eval: list[str] | None = None) -> TrainOutput:
+        """Train; `resume_from_checkpoint` is a checkpoint directory, or True for the newest in output_dir.
+        `ignore_keys_for_eval` goes to the evaluations during training; `trial` (hyperparameter search) is
+        not supported and must be None."""
+        if trial is not None:
+            raise ValueError("hyperparameter search (trial=) is not supported by this Trainer")
+        self._ignore_keys_for_eval = ignore_keys_for_eval
         try:
             return self._train(resume_from_checkpoint)
         except BaseException as e:
@@ -152,6 +192,9 @@ class Trainer(EvaluationMixin, CheckpointMixin):
         args = self.args
         checkpoint = self._resolve_checkpoint(resume_from_checkpoint)
         set_seed(args.seed)
+        if self.model_init is not None:  # as transformers: a new model, optimizer and schedule each call
+            self._set_model(self._call_model_init())
+            self.optimizer, self.lr_scheduler = None, None
         if checkpoint is not None:
             ckpt.verify_checksums(checkpoint)  # before any file is used: a damaged one is refused, named
             ckpt.load_model_weights(self.model, checkpoint)
@@ -174,10 +217,13 @@ class Trainer(EvaluationMixin, CheckpointMixin):
             num_train_samples = max_steps * args.train_batch_size * gas
 
         epochs_trained, samples_to_skip = self._init_state(max_steps, num_train_epochs, updates_per_epoch, checkpoint)
-        if self.optimizer is None:
-            self.optimizer = create_optimizer(self.model, args)
-        if self.lr_scheduler is None:
-            self.lr_scheduler = create_scheduler(self.optimizer, args, max_steps)
+        # A schedule we built is built again, for this call's max_steps (as transformers: otherwise a second
+        # train() would run on at the first one's final learning rate, 0 for a linear decay). The optimizer
+        # is kept, moments and all, as transformers keeps it; one passed by the user is never replaced.
+        if self._created_lr_scheduler:
+            self.lr_scheduler = None
+            self._created_lr_scheduler = False
+        self.create_optimizer_and_scheduler(max_steps)
         if checkpoint is not None:
             ckpt.load_training_state(checkpoint, self.optimizer, self.lr_scheduler)
         for name in ("model", "optimizer", "lr_scheduler"):
@@ -187,6 +233,7 @@ class Trainer(EvaluationMixin, CheckpointMixin):
         start_time = time.time()
         self._initial_global_step = self.state.global_step
         self._tr_loss = torch.zeros((), device=args.device)  # summed on the device between logging steps
+        self._flos_params = None  # model.num_parameters(exclude_embeddings=True), read once per train()
         self._total_loss_scalar = 0.0
         self._globalstep_last_logged = self.state.global_step
         self.model.zero_grad(set_to_none=True)
@@ -194,7 +241,8 @@ class Trainer(EvaluationMixin, CheckpointMixin):
         self.control = self.callback_handler.on_train_begin(args, self.state, self.control,
                                                             eval_dataset=self.eval_dataset)
         if args.eval_on_start:
-            self.evaluate()  # as transformers: metrics logged, on_evaluate fired, no best-model bookkeeping
+            # as transformers: metrics logged, on_evaluate fired, no best-model bookkeeping
+            self.evaluate(ignore_keys=self._ignore_keys_for_eval)
         for epoch in range(epochs_trained, num_train_epochs):
             self.control = self.callback_handler.on_epoch_begin(args, self.state, self.control)
             resuming_here = checkpoint is not None and epoch == epochs_trained
@@ -204,6 +252,16 @@ class Trainer(EvaluationMixin, CheckpointMixin):
             if self.control.should_training_stop:
                 break
         return self._finalize_training(start_time, num_train_samples)
+
+    def _set_model(self, model) -> None:
+        self.model = model.to(self.args.device)
+        self.model_wrapped = self.model
+        if self.distributed:
+            device = self.args.device
+            self.model_wrapped = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[device.index] if device.type == "cuda" else None)
+        self._inspect_model()
+        self._signature_columns = None
 
     def _resolve_checkpoint(self, resume_from_checkpoint) -> Path | None:
         if resume_from_checkpoint is None or resume_from_checkpoint is False:
@@ -293,7 +351,7 @@ class Trainer(EvaluationMixin, CheckpointMixin):
 
         for update_step in range(skip // gas, updates_per_epoch):
             num_batches = gas if update_step != updates_per_epoch - 1 else remainder
-            batches = [b for _, b in zip(range(num_batches), iterator)]
+            batches, num_items_in_batch = self.get_batch_samples(iterator, num_batches, args.device)
             if not batches:
                 break
             self.current_gradient_accumulation_steps = len(batches)
@@ -303,12 +361,13 @@ class Trainer(EvaluationMixin, CheckpointMixin):
                     self.control = self.callback_handler.on_step_begin(args, self.state, self.control)
                 last = i == len(batches) - 1
                 with self._no_sync(not last):  # DDP: gradients are all-reduced once, on the last micro-batch
-                    loss = self.training_step(self.model_wrapped, inputs)
+                    loss = self.training_step(self.model_wrapped, inputs, num_items_in_batch)
                 # Where a checkpoint taken now resumes: later in this epoch, or at the start of the next.
                 self._data_position = ((epoch + 1, 0) if step + 1 >= batches_per_epoch else
                                        (epoch, skip_samples + (step + 1 - skip) * global_batch))
                 self.step_loss = loss if i == 0 else self.step_loss + loss
                 self._accumulate_loss(loss)
+                self.current_flos += float(self.floating_point_ops(inputs))  # from shapes: no sync
 
                 if i < len(batches) - 1:
                     self.control = self.callback_handler.on_substep_end(args, self.state, self.control)
@@ -351,45 +410,122 @@ class Trainer(EvaluationMixin, CheckpointMixin):
             loss = torch.where(torch.isfinite(loss), loss, mean_so_far)
         self._tr_loss += loss
 
-    def training_step(self, model, inputs) -> torch.Tensor:
+    # -- one optimizer step's batches, and the loss ---------------------------------------------------
+
+    def get_batch_samples(self, epoch_iterator, num_batches: int, device: torch.device) -> tuple[list, object]:
+        """The next `num_batches` micro-batches (fewer at the end of the data), and `num_items_in_batch`
+        for the optimizer step they make."""
+        batches = [b for _, b in zip(range(num_batches), epoch_iterator)]
+        return batches, self._get_num_items_in_batch(batches, device)
+
+    def _get_num_items_in_batch(self, batches: list, device: torch.device) -> torch.Tensor | None:
+        """The labels != -100 in all the micro-batches of one optimizer step (over labels[..., 1:] for a
+        causal LM, whose loss shifts them; `shift_labels` as given when a batch has them), as a 0-d float
+        tensor on `device`. Counted only when something uses it: a model that takes loss kwargs, or a
+        compute_loss_func. Under torchrun (with average_tokens_across_devices) it is the sum over ranks.
+
+        No sync: the count and the all-reduce are device operations whose result stays on the device."""
+        if not (batches and isinstance(batches[0], Mapping) and "labels" in batches[0]):
+            return None
+        if not (self.model_accepts_loss_kwargs or self.compute_loss_func is not None):
+            return None
+        try:
+            labels = [b["shift_labels"] if "shift_labels" in b else
+                      b["labels"][..., 1:] if self._loss_shifts_labels else b["labels"] for b in batches]
+            count = sum(lab.to(device, non_blocking=True).ne(-100).sum() for lab in labels)
+        except (TypeError, AttributeError):  # labels that are not tensors: nothing to count
+            return None
+        if self.args.average_tokens_across_devices and distributed.is_distributed():
+            torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.SUM)
+        # transformers passes a float tensor (its count is divided by the tensor/context-parallel sizes).
+        return count.to(torch.get_default_dtype())
+
+    def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
         """Forward and backward on one micro-batch; returns the detached loss, scaled for accumulation."""
         model.train()
+        if callable(getattr(self.optimizer, "train", None)):  # schedule-free optimizers have modes too
+            self.optimizer.train()
         inputs = to_device(inputs, self.args.device)
+        if isinstance(inputs, Mapping) and len(inputs) == 0:
+            raise ValueError("the batch is empty: no field of the training examples is an argument of the model's "
+                             f"forward ({', '.join(self._signature_columns or [])}); check the dataset, or set "
+                             "remove_unused_columns=False")
         with self._autocast():
-            loss = self.compute_loss(model, inputs)
-        loss = loss / self.current_gradient_accumulation_steps
+            loss = self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
+        scaled = self.loss_is_scaled_for_ga
+        if scaled is None:  # normalised over the whole step already, by the model or by compute_loss_func
+            scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or \
+                self.compute_loss_func is not None
+        if not scaled:
+            loss = loss / self.current_gradient_accumulation_steps
         loss.backward()
         return loss.detach()
 
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
-        if self.compute_loss_func is not None:
-            inputs = dict(inputs)
-            labels = inputs.pop("labels", None)
+        """transformers' rule: compute_loss_func gets the outputs, the labels (taken out of the inputs) and
+        num_items_in_batch; a model that takes loss kwargs gets num_items_in_batch; otherwise the model's
+        own loss. A loss normalised by a token count over all ranks is multiplied by the world size, since
+        DDP averages the gradients."""
+        if not isinstance(inputs, Mapping):
             outputs = call_model(model, inputs)
+            loss = self.compute_loss_func(outputs, None, num_items_in_batch=num_items_in_batch) \
+                if self.compute_loss_func is not None else loss_from_outputs(outputs)
+            return (loss, outputs) if return_outputs else loss
+        labels = None
+        if self.compute_loss_func is not None and "labels" in inputs:
+            inputs = dict(inputs)
+            labels = inputs.pop("labels")
+        if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
+            inputs = {**inputs, "num_items_in_batch": num_items_in_batch}
+        outputs = model(**inputs)
+        if self.compute_loss_func is not None:
             loss = self.compute_loss_func(outputs, labels, num_items_in_batch=num_items_in_batch)
         else:
-            outputs = call_model(model, inputs)
             loss = loss_from_outputs(outputs)
             if loss is None:
                 keys = list(outputs.keys()) if isinstance(outputs, Mapping) else type(outputs).__name__
                 raise ValueError(f"the model returned no loss (got {keys}); give it `labels` in the batch, or pass "
                                  "compute_loss_func= to the Trainer")
+        if (self.args.average_tokens_across_devices and num_items_in_batch is not None and
+                (self.model_accepts_loss_kwargs or self.compute_loss_func is not None)):
+            world = distributed.world_size()
+            if world > 1:
+                loss = loss * world
         return (loss, outputs) if return_outputs else loss
+
+    def floating_point_ops(self, inputs) -> float:
+        """transformers' estimate for a forward and backward: 6 x tokens x non-embedding parameters, for a
+        model with `num_parameters` (a PreTrainedModel); 0 for others. Shapes only: no sync."""
+        main_input = getattr(self.model, "main_input_name", "input_ids")
+        if not (isinstance(inputs, Mapping) and main_input in inputs and hasattr(self.model, "num_parameters")):
+            return 0
+        if getattr(self, "_flos_params", None) is None:
+            self._flos_params = self.model.num_parameters(exclude_embeddings=True)
+        return 6 * inputs[main_input].numel() * self._flos_params
+
+    def store_flos(self) -> None:
+        """Add the flos counted since the last call (summed over ranks) to state.total_flos. Called where
+        transformers calls it: at logging steps, before a checkpoint is written, and at the end."""
+        flos = self.current_flos
+        if distributed.is_distributed():  # sync point, of host values only (a gloo all-reduce)
+            flos = _sum_over_ranks(flos)
+        self.state.total_flos += flos
+        self.current_flos = 0.0
 
     def _autocast(self):
         if not self.args.bf16:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.args.device.type, dtype=torch.bfloat16)
 
-    def _clip_grad_norm(self) -> torch.Tensor | None:
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        if not params:
-            return None
+    def _clip_grad_norm(self) -> torch.Tensor:
+        """The total 2-norm of the gradients (before clipping, when max_grad_norm > 0), a device tensor. As
+        transformers: over every parameter, 0 when none has a gradient."""
         if self.args.max_grad_norm > 0:
-            return torch.nn.utils.clip_grad_norm_(params, self.args.max_grad_norm)
+            return torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.args.max_grad_norm)
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         if _get_total_norm is not None:
-            return _get_total_norm([p.grad for p in params])
-        return torch.nn.utils.clip_grad_norm_(params, float("inf"))
+            return _get_total_norm(grads)
+        return torch.nn.utils.clip_grad_norm_(self.model.parameters(), float("inf"))
 
     def _maybe_log_save_evaluate(self, grad_norm, start_time: float, learning_rate: float | None) -> None:
         if self.control.should_log and self.state.global_step > self._globalstep_last_logged:
@@ -406,16 +542,18 @@ class Trainer(EvaluationMixin, CheckpointMixin):
             logs["learning_rate"] = learning_rate if learning_rate is not None else self._get_learning_rate()
             self._total_loss_scalar += tr_loss_scalar
             self._globalstep_last_logged = self.state.global_step
+            self.store_flos()
             self.log(logs, start_time)
 
         if self.control.should_evaluate:
-            metrics = self.evaluate()
+            metrics = self.evaluate(ignore_keys=getattr(self, "_ignore_keys_for_eval", None))
             is_new_best = self._determine_best_metric(metrics)
             if self.args.save_strategy == SaveStrategy.BEST:
                 self.control.should_save = is_new_best
             distributed.agree_on_control(self.control)  # on_evaluate callbacks (early stopping) may have voted
 
         if self.control.should_save:
+            self.store_flos()  # the checkpoint's trainer_state.json has the flos so far, as transformers'
             self._save_checkpoint()
             self.control = self.callback_handler.on_save(self.args, self.state, self.control)
 
@@ -436,6 +574,7 @@ class Trainer(EvaluationMixin, CheckpointMixin):
         metrics = speed_metrics("train", start_time,
                                 num_samples=num_train_samples * steps_done / max(self.state.max_steps, 1),
                                 num_steps=steps_done)
+        self.store_flos()
         metrics["total_flos"] = self.state.total_flos
         metrics["train_loss"] = train_loss
         self.log(metrics)
@@ -444,10 +583,16 @@ class Trainer(EvaluationMixin, CheckpointMixin):
                         self.args.metric_for_best_model, self.state.best_metric)
             ckpt.verify_checksums(self.state.best_model_checkpoint)
             ckpt.load_model_weights(self.model, self.state.best_model_checkpoint)
+        self._delete_checkpoints_at_train_end()  # save_total_limit=1 with a best checkpoint: only it stays
         self.control = self.callback_handler.on_train_end(self.args, self.state, self.control)
-        if self.event_bus is not None and hasattr(self.event_bus, "close"):
-            self.event_bus.close()  # after every on_train_end, so records they publish are in the run
         return TrainOutput(self.state.global_step, train_loss, metrics)
+
+
+def _sum_over_ranks(value: float) -> float:
+    """The sum of a host float over ranks, on the host group (distributed.py's gloo group)."""
+    box = torch.tensor([value], dtype=torch.float64)
+    torch.distributed.all_reduce(box, group=distributed._host_group)
+    return box.item()
 
 
 def _length(dataloader) -> int | None:

@@ -77,3 +77,14 @@ def test_trainer_state_json_round_trip(tmp_path):
     state.save_to_json(str(tmp_path / "s.json"))
     loaded = TrainerState.load_from_json(str(tmp_path / "s.json"))
     assert dataclasses.asdict(loaded) == dataclasses.asdict(state)
+
+
+def test_optim_names_the_adamw_and_is_checked_when_the_arguments_are_built():
+    from trainer._optim import default_optimizer_cls_and_kwargs
+
+    with pytest.raises(ValueError, match="optim='sgd'.*optimizer_cls_and_kwargs"):
+        TrainingArguments(output_dir="x", optim="sgd")
+    # On the CPU the plain AdamW by default (torch's fused CPU kernel stalls on a busy machine), fused when asked.
+    assert "fused" not in default_optimizer_cls_and_kwargs(TrainingArguments(output_dir="x", use_cpu=True))[1]
+    fused = TrainingArguments(output_dir="x", use_cpu=True, optim="adamw_torch_fused")
+    assert default_optimizer_cls_and_kwargs(fused)[1]["fused"] is True
