@@ -3,7 +3,7 @@
     from trainer import Trainer, TrainingArguments, TrainerCallback
 """
 
-from ._utils import EvalLoopOutput, PredictionOutput, TrainOutput, set_seed
+from ._utils import EvalLoopOutput, EvalPrediction, PredictionOutput, TrainOutput, set_seed
 from .callbacks import EVENTS, CallbackHandler, DefaultFlowCallback, TrainerCallback
 from .default_callbacks import EarlyStoppingCallback, InfoCallback, PrinterCallback, ProgressCallback
 from .state import ExportableState, TrainerControl, TrainerState
@@ -24,6 +24,7 @@ __all__ = [
     "DefaultFlowCallback",
     "EarlyStoppingCallback",
     "EvalLoopOutput",
+    "EvalPrediction",
     "ExportableState",
     "InfoCallback",
     "IntervalStrategy",
