@@ -1,12 +1,16 @@
-"""Checkpoint files: `output_dir/checkpoint-{global_step}/` as transformers lays them out.
+"""Checkpoint files: `output_dir/checkpoint-{global_step}/` exactly as transformers 5.x lays them out, so
+each trainer resumes from the other's checkpoints.
 
-model weights (`save_pretrained` when the model has it, else `pytorch_model.bin`), `optimizer.pt`,
-`scheduler.pt`, `rng_state.pth`, `trainer_state.json`. Everything loads with `weights_only=True`:
-RNG states are stored as tensors and lists, never pickled objects.
+The model (`save_pretrained` for a transformers model, else `model.safetensors`), `training_args.bin`,
+`optimizer.pt`, `scheduler.pt`, `rng_state.pth` (transformers' format: python / numpy / cpu / cuda
+states), `trainer_state.json`. Ours besides, which transformers ignores: `data_position.json` (resume at
+another world size), `training_args.json` (the args, readable without unpickling) and `checksums.json`.
 
-`checksums.json` (ours) holds the sha256 of every other file, written when the checkpoint is complete and
-checked before a resume: a torch file with flipped bytes in its tensor data still loads (as NaN weights),
-so only a checksum catches it. Every load error is a CheckpointError naming the file.
+Every file we read back loads with `weights_only=True` (the RNG file with transformers' allowlist of
+numpy classes, nothing more). `checksums.json` holds the sha256 of every other file, written when the
+checkpoint is complete and checked before a resume: a torch file with flipped bytes in its tensor data
+still loads (as NaN weights), so only a checksum catches it. Every load error is a CheckpointError
+naming the file.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import os
 import random
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -27,12 +32,18 @@ logger = logging.getLogger(__name__)
 
 PREFIX_CHECKPOINT_DIR = "checkpoint"
 TRAINER_STATE_NAME = "trainer_state.json"
+SAFE_WEIGHTS_NAME = "model.safetensors"
+SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 WEIGHTS_NAME = "pytorch_model.bin"
+WEIGHTS_INDEX_NAME = "pytorch_model.bin.index.json"
+TRAINING_ARGS_NAME = "training_args.bin"
 OPTIMIZER_NAME = "optimizer.pt"
 SCHEDULER_NAME = "scheduler.pt"
 RNG_STATE_NAME = "rng_state.pth"
 DATA_POSITION_NAME = "data_position.json"  # ours: lets a run resume at another world size
+TRAINING_ARGS_JSON_NAME = "training_args.json"  # ours: the args as JSON
 CHECKSUMS_NAME = "checksums.json"  # ours: sha256 of every other file of the checkpoint
+OUR_EXTRA_FILES = frozenset({DATA_POSITION_NAME, TRAINING_ARGS_JSON_NAME, CHECKSUMS_NAME})
 _CHECKPOINT_RE = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 
 
@@ -92,71 +103,162 @@ def verify_checksums(directory: Path) -> bool:
     return True
 
 
-def save_model_weights(model: torch.nn.Module, directory: str | os.PathLike, processing_class=None) -> None:
+def _is_transformers_model(model) -> bool:
+    """A `transformers.PreTrainedModel` (or peft's `PeftModel`): saved with its own `save_pretrained`, as
+    transformers' Trainer does. Checked through sys.modules: a model of either class means its library is
+    already imported, and nothing else should import transformers."""
+    for module, name in (("transformers.modeling_utils", "PreTrainedModel"), ("peft", "PeftModel")):
+        cls = getattr(sys.modules.get(module), name, None)
+        if cls is not None and isinstance(model, cls):
+            return True
+    return False
+
+
+def save_model_weights(model: torch.nn.Module, directory: str | os.PathLike, processing_class=None,
+                       data_collator=None) -> None:
+    """The model files of transformers' `Trainer._save`: `save_pretrained` for a transformers model, else
+    `model.safetensors` (any other module, whatever methods it has), then the processing class (or the
+    data collator's tokenizer)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    if hasattr(model, "save_pretrained"):
+    if _is_transformers_model(model):
         model.save_pretrained(directory)
     else:
-        torch.save(model.state_dict(), directory / WEIGHTS_NAME)
-    if processing_class is not None and hasattr(processing_class, "save_pretrained"):
-        processing_class.save_pretrained(directory)
+        _save_state_dict(model.state_dict(), directory / SAFE_WEIGHTS_NAME)
+    tokenizer = processing_class if processing_class is not None else getattr(data_collator, "tokenizer", None)
+    if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+        tokenizer.save_pretrained(directory)
 
 
-def load_model_weights(model: torch.nn.Module, directory: str | os.PathLike) -> None:
-    directory = Path(directory)
-    for name in (WEIGHTS_NAME, "model.safetensors"):
-        path = directory / name
-        if not path.exists():
-            continue
-        if name.endswith(".safetensors"):
-            from safetensors.torch import load_file
+def _save_state_dict(state: dict, path: Path) -> None:
+    """Every key of the state dict, with safetensors. transformers' own `save_file` call refuses tensors
+    that share memory (tied weights of a module that is not a PreTrainedModel), and its loader fails on a
+    file that lacks a key of such a module (`_issue_warnings_after_load` reads `_keys_to_ignore_on_save`).
+    So a tensor whose storage was already stored under another name is stored again, as a copy: loading
+    both names into the one tied parameter keeps the tie, in both trainers."""
+    from safetensors.torch import save_file
 
-            try:
-                state = load_file(str(path), device="cpu")
-            except Exception as e:  # SafetensorError, OSError
-                raise _damaged(path, f"cannot be read ({type(e).__name__}: {e})") from None
-        else:
-            state = torch_load(path, map_location="cpu")
-        if not isinstance(state, dict):
-            raise _damaged(path, f"holds a {type(state).__name__}, not a state dict of weights")
-        # Tied weights may be stored once; strict=False would hide real mismatches, so check them here.
+    seen, tensors = set(), {}
+    for name, tensor in state.items():
+        storage = tensor.untyped_storage().data_ptr()
+        if (storage in seen and tensor.numel()) or not tensor.is_contiguous():
+            tensor = tensor.clone(memory_format=torch.contiguous_format)
+        seen.add(storage)
+        tensors[name] = tensor
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def save_training_args(args, directory: Path) -> None:
+    """`training_args.bin` (a pickle of the args object, as transformers writes it: transformers never reads
+    it back) and our `training_args.json`, which can be read without unpickling anything."""
+    torch.save(args, directory / TRAINING_ARGS_NAME)
+    (directory / TRAINING_ARGS_JSON_NAME).write_text(args.to_json_string(), encoding="utf-8")
+
+
+def _read_weights(path: Path) -> dict:
+    if path.name.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
         try:
-            missing, unexpected = model.load_state_dict(state, strict=False)
-        except RuntimeError as e:  # a shape mismatch
-            raise _damaged(path, f"does not match the model: {e}") from None
-        tied = {n for n, p in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
-        missing = [m for m in missing if m not in tied]
-        if missing or unexpected:
-            raise _damaged(path, f"does not match the model: missing {missing}, unexpected {unexpected}")
-        return
-    raise CheckpointError(f"checkpoint {directory}: no model weights ({WEIGHTS_NAME} or model.safetensors) in it")
-
-
-def rng_state() -> dict:
-    py_version, py_state, py_gauss = random.getstate()
-    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
-    state = {
-        "python": [py_version, list(py_state), py_gauss],
-        "numpy": [np_name, torch.from_numpy(np_keys.astype(np.int64)), np_pos, np_has_gauss, np_gauss],
-        "cpu": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+            state = load_file(str(path), device="cpu")
+        except Exception as e:  # SafetensorError, OSError
+            raise _damaged(path, f"cannot be read ({type(e).__name__}: {e})") from None
+    else:
+        state = torch_load(path, map_location="cpu")
+    if not isinstance(state, dict):
+        raise _damaged(path, f"holds a {type(state).__name__}, not a state dict of weights")
     return state
 
 
-def set_rng_state(state: dict) -> None:
-    version, py_state, gauss = state["python"]
-    random.setstate((version, tuple(py_state), gauss))
-    name, keys, pos, has_gauss, np_gauss = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, np_gauss))
-    torch.set_rng_state(state["cpu"])
-    if "cuda" in state and torch.cuda.is_available():
+def _weight_files(directory: Path) -> tuple[Path, list[Path]] | None:
+    """(the file that names them, the weight files) in transformers' order of preference:
+    model.safetensors, pytorch_model.bin, then the sharded index of either."""
+    for name in (SAFE_WEIGHTS_NAME, WEIGHTS_NAME):
+        if (directory / name).is_file():
+            return directory / name, [directory / name]
+    for name in (SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_INDEX_NAME):
+        index = directory / name
+        if index.is_file():
+            data = read_json(index)
+            weight_map = data.get("weight_map") if isinstance(data, dict) else None
+            if not isinstance(weight_map, dict):
+                raise _damaged(index, "has no weight_map object")
+            files = sorted(set(weight_map.values()))
+            if not all(isinstance(f, str) and f and Path(f).name == f for f in files):
+                raise _damaged(index, "names a shard outside the checkpoint directory")
+            return index, [directory / f for f in files]
+    return None
+
+
+def load_model_weights(model: torch.nn.Module, directory: str | os.PathLike) -> None:
+    """Load the weights of a checkpoint written by us or by transformers (either file, or shards)."""
+    directory = Path(directory)
+    found = _weight_files(directory)
+    if found is None:
+        raise CheckpointError(f"checkpoint {directory}: no model weights ({SAFE_WEIGHTS_NAME}, {WEIGHTS_NAME} "
+                              "or a sharded index) in it")
+    named, files = found
+    state = {}
+    for path in files:
+        state.update(_read_weights(path))
+    # save_pretrained stores tied weights once; strict=False would hide real mismatches, so check them here.
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # a shape mismatch
+        raise _damaged(named, f"does not match the model: {e}") from None
+    missing = [m for m in missing if not _shares_storage_with_a_loaded_key(model, m, state)]
+    if missing or unexpected:
+        raise _damaged(named, f"does not match the model: missing {missing}, unexpected {unexpected}")
+
+
+def _shares_storage_with_a_loaded_key(model: torch.nn.Module, name: str, loaded: dict) -> bool:
+    tensors = model.state_dict(keep_vars=True)
+    target = tensors[name]
+    return any(other in loaded and t.untyped_storage().data_ptr() == target.untyped_storage().data_ptr()
+               for other, t in tensors.items() if other != name)
+
+
+# -- RNG state: transformers' rng_state.pth ----------------------------------------------------------------
+#
+# {"python": random.getstate(), "numpy": np.random.get_state(), "cpu": torch.get_rng_state(),
+#  "cuda": torch.cuda.get_rng_state() (one process) / get_rng_state_all() (distributed)}, written by
+# torch.save; transformers loads it with weights_only=True and a short allowlist of numpy classes (the
+# numpy state holds an ndarray). We read it the same way: nothing else can be unpickled.
+
+def _numpy_safe_globals():
+    np_core = getattr(np, "_core", None) or np.core
+    return torch.serialization.safe_globals(
+        [np_core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))])
+
+
+def rng_state(distributed: bool = False) -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "cpu": torch.random.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.random.get_rng_state_all() if distributed else torch.cuda.random.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict, distributed: bool = False) -> None:
+    """Restore a state from `rng_state()`, transformers' file, or our format before 0.x (lists and tensors)."""
+    python, numpy_state = state["python"], state["numpy"]
+    if isinstance(python, list):  # our earlier format: [version, list of ints, gauss]
+        python = (python[0], tuple(python[1]), python[2])
+    random.setstate(python)
+    if isinstance(numpy_state, list):  # our earlier format: the key array as an int64 tensor
+        name, keys, pos, has_gauss, gauss = numpy_state
+        numpy_state = (name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss)
+    np.random.set_state(numpy_state)
+    torch.random.set_rng_state(state["cpu"])
+    if torch.cuda.is_available():
+        cuda = state.get("cuda")
         try:
-            torch.cuda.set_rng_state_all(state["cuda"])
-        except (RuntimeError, IndexError):
-            logger.warning("could not restore the CUDA RNG state (a different number of GPUs?); results may differ")
+            if isinstance(cuda, (list, tuple)):
+                torch.cuda.random.set_rng_state_all(cuda)
+            else:
+                torch.cuda.random.set_rng_state(cuda)
+        except Exception as e:  # a missing key, a different number of GPUs: transformers logs and goes on
+            logger.error("could not restore the CUDA RNG state (%s: %s); results after the resume will differ "
+                         "from an uninterrupted run", type(e).__name__, e)
 
 
 def rng_file(rank: int = 0, world_size: int = 1) -> str:
@@ -170,7 +272,8 @@ def save_training_state(directory: Path, optimizer, lr_scheduler) -> None:
 
 
 def save_rng_state(directory: Path, rank: int = 0, world_size: int = 1) -> None:
-    torch.save(rng_state(), directory / rng_file(rank, world_size))
+    directory.mkdir(parents=True, exist_ok=True)  # a rank may get here before rank 0 made it
+    torch.save(rng_state(world_size > 1), directory / rng_file(rank, world_size))
 
 
 def load_training_state(directory: Path, optimizer, lr_scheduler) -> None:
@@ -189,9 +292,10 @@ def load_training_state(directory: Path, optimizer, lr_scheduler) -> None:
 def load_rng_state(directory: Path, rank: int = 0, world_size: int = 1) -> None:
     path = directory / rng_file(rank, world_size)
     if path.exists():
-        state = torch_load(path)
+        with _numpy_safe_globals():
+            state = torch_load(path)
         try:
-            set_rng_state(state)
+            set_rng_state(state, world_size > 1)
         except (ValueError, KeyError, TypeError, RuntimeError, IndexError, AttributeError) as e:
             raise _damaged(path, f"is not an RNG state ({type(e).__name__}: {e})") from None
     else:
@@ -250,8 +354,12 @@ def read_json(path: Path):
         raise _damaged(path, f"is not valid JSON ({e})") from None
 
 
-def sorted_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
-    """Checkpoint directories in `output_dir`, oldest (lowest step) first."""
+def sorted_checkpoints(output_dir: str | os.PathLike, use_mtime: bool = False,
+                       best_model_checkpoint: str | None = None) -> list[Path]:
+    """`checkpoint-<step>` directories of `output_dir`, oldest first, as transformers' `sort_checkpoints`:
+    by step, or by modification time with `use_mtime` (by step after all when the newest and oldest are
+    less than 1 s apart: mtime is not trusted then). With `best_model_checkpoint`, that one is moved just
+    before the newest (the rotation window never reaches it, and the newest stays last for a resume)."""
     root = Path(output_dir)
     if not root.is_dir():
         return []
@@ -259,32 +367,61 @@ def sorted_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     for path in root.iterdir():
         match = _CHECKPOINT_RE.match(path.name)
         if match and path.is_dir():
-            found.append((int(match.group(1)), path))
-    return [path for _, path in sorted(found)]
+            found.append((path.stat().st_mtime if use_mtime else int(match.group(1)), path))
+    found.sort()
+    if use_mtime and len(found) > 1 and found[-1][0] - found[0][0] < 1.0:
+        return sorted_checkpoints(output_dir, False, best_model_checkpoint)
+    checkpoints = [path for _, path in found]
+    # Paths compare as transformers compares their strings (both normalised by Path): a best checkpoint
+    # spelled differently from output_dir (relative vs absolute) is not recognised there, nor here.
+    best = Path(best_model_checkpoint) if best_model_checkpoint is not None else None
+    if best is not None and best in checkpoints and checkpoints[-1] != best:
+        newest = checkpoints[-1]
+        checkpoints = [c for c in checkpoints if c not in (best, newest)] + [best, newest]
+    return checkpoints
 
 
 def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """transformers' `get_last_checkpoint`: the highest step."""
     checkpoints = sorted_checkpoints(output_dir)
     return checkpoints[-1] if checkpoints else None
 
 
 def rotate_checkpoints(output_dir: str | os.PathLike, save_total_limit: int | None,
-                       best_model_checkpoint: str | None) -> list[Path]:
-    """Delete the oldest checkpoints beyond `save_total_limit`, never the best one. Returns what was deleted."""
-    if not save_total_limit:
+                       best_model_checkpoint: str | None, use_mtime: bool = False) -> list[Path]:
+    """transformers' `rotate_checkpoints`: beyond `save_total_limit`, delete the oldest checkpoints except
+    the newest and the best (so with a limit of 1 two can stay). Returns what was deleted."""
+    if not save_total_limit or save_total_limit <= 0:
         return []
-    checkpoints = sorted_checkpoints(output_dir)
-    best = Path(best_model_checkpoint).resolve() if best_model_checkpoint else None
-    limit = save_total_limit
-    if best is not None and any(c.resolve() == best for c in checkpoints) and checkpoints[-1].resolve() != best:
-        # Keep the best checkpoint by moving it just before the newest, out of the deletion window; the
-        # newest must survive too, so a resume continues from where training stopped.
-        best_path = next(c for c in checkpoints if c.resolve() == best)
-        checkpoints.remove(best_path)
-        checkpoints.insert(len(checkpoints) - 1, best_path)
-        limit = max(limit, 2)
-    deleted = checkpoints[:max(0, len(checkpoints) - limit)]
-    for path in deleted:
-        logger.info("deleting older checkpoint %s (save_total_limit=%d)", path, save_total_limit)
-        shutil.rmtree(path, ignore_errors=True)
+    checkpoints = sorted_checkpoints(output_dir, use_mtime)
+    if len(checkpoints) <= save_total_limit:
+        return []
+    protected = {checkpoints[-1]}
+    if best_model_checkpoint is not None:
+        protected.add(Path(best_model_checkpoint))
+    keep = max(save_total_limit, len(protected))
+    deleted = []
+    for path in checkpoints:
+        if len(checkpoints) - len(deleted) <= keep:
+            break
+        if path not in protected:
+            logger.info("deleting older checkpoint %s (save_total_limit=%d)", path, save_total_limit)
+            shutil.rmtree(path, ignore_errors=True)
+            deleted.append(path)
+    return deleted
+
+
+def delete_all_but_best(output_dir: str | os.PathLike, best_model_checkpoint: str) -> list[Path]:
+    """End of training with save_total_limit=1 and a best checkpoint (transformers' `_finalize_training`):
+    every other checkpoint goes, the newest included. Returns what was deleted."""
+    best = Path(best_model_checkpoint)
+    if not best.is_dir():  # transformers raises here (samefile); deleting every checkpoint would be worse
+        logger.warning("best checkpoint %s is gone: no checkpoint deleted at the end of training", best)
+        return []
+    deleted = []
+    for path in sorted_checkpoints(output_dir, best_model_checkpoint=best_model_checkpoint):
+        if not os.path.samefile(path, best):
+            logger.info("deleting older checkpoint %s (save_total_limit=1, best is %s)", path, best)
+            shutil.rmtree(path, ignore_errors=True)
+            deleted.append(path)
     return deleted

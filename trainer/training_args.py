@@ -1,42 +1,67 @@
 """`TrainingArguments`: the same names, defaults and meaning as `transformers.TrainingArguments` (5.x).
 
-Only the fields this trainer acts on are here. Every value is checked when the object is built, and a
-bad one raises `ValueError` naming the field, so a typo in a config fails before any model is built.
+The fields this trainer acts on are here, and those transformers' shipped callbacks read (report_to,
+run_name, project, trackio_*, hub_*, log levels, JIT checkpointing, ...), so that those callbacks run in
+this Trainer. Every value is checked when the object is built, and a bad one raises `ValueError` naming
+the field, so a typo in a config fails before any model is built.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
+import contextlib
 import json
+import logging
 import math
 import os
 from dataclasses import dataclass
 from typing import Any
 
 
-class IntervalStrategy(str, enum.Enum):
+class _StrEnum(str, enum.Enum):
+    """A `str` enum that prints as its value, so it compares equal to `"steps"` and to transformers' enums."""
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class IntervalStrategy(_StrEnum):
     """When to log / evaluate / save. A `str` enum, so it compares equal to `"steps"` and to HF's enum."""
 
     NO = "no"
     STEPS = "steps"
     EPOCH = "epoch"
 
-    def __str__(self) -> str:
-        return self.value
 
-
-class SaveStrategy(str, enum.Enum):
+class SaveStrategy(_StrEnum):
     NO = "no"
     STEPS = "steps"
     EPOCH = "epoch"
     BEST = "best"
 
-    def __str__(self) -> str:
-        return self.value
+
+class HubStrategy(_StrEnum):
+    END = "end"
+    EVERY_SAVE = "every_save"
+    CHECKPOINT = "checkpoint"
+    ALL_CHECKPOINTS = "all_checkpoints"
 
 
-class SchedulerType(str, enum.Enum):
+class ParallelMode(_StrEnum):
+    """transformers' values; this trainer runs one process (NOT_PARALLEL) or torchrun ranks (DISTRIBUTED)."""
+
+    NOT_PARALLEL = "not_parallel"
+    NOT_DISTRIBUTED = "not_distributed"
+    DISTRIBUTED = "distributed"
+
+
+# transformers' `trainer_log_levels`: "passive" (-1) leaves the level as it is.
+LOG_LEVELS = {"detail": logging.DEBUG, "debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
+              "error": logging.ERROR, "critical": logging.CRITICAL, "passive": -1}
+
+
+class SchedulerType(_StrEnum):
     LINEAR = "linear"
     COSINE = "cosine"
     COSINE_WITH_RESTARTS = "cosine_with_restarts"
@@ -45,8 +70,12 @@ class SchedulerType(str, enum.Enum):
     CONSTANT_WITH_WARMUP = "constant_with_warmup"
     INVERSE_SQRT = "inverse_sqrt"
 
-    def __str__(self) -> str:
-        return self.value
+
+def _in_a_kubeflow_trainjob() -> bool:
+    """transformers' `is_kubeflow_available`: the TrainJob controller sets KUBEFLOW_TRAINER_SERVER_URL."""
+    if os.environ.get("DISABLE_KUBEFLOW_INTEGRATION", "FALSE").upper() == "TRUE":
+        return False
+    return os.environ.get("KUBEFLOW_TRAINER_SERVER_URL") is not None
 
 
 def _enum_field(name: str, enum_cls: type[enum.Enum], value: Any) -> enum.Enum:
@@ -77,6 +106,7 @@ class TrainingArguments:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_epsilon: float = 1e-8
+    optim: str | None = None  # "adamw_torch" or "adamw_torch_fused"; None: fused on CUDA, plain on the CPU
     max_grad_norm: float = 1.0
     lr_scheduler_type: SchedulerType | str = "linear"
     warmup_steps: float = 0
@@ -102,6 +132,9 @@ class TrainingArguments:
     save_steps: float = 500
     save_total_limit: int | None = None
     save_only_model: bool = False
+    save_on_each_node: bool = False
+    # Read by transformers' JITCheckpointCallback (save a checkpoint on SIGTERM, then stop).
+    enable_jit_checkpoint: bool = False
 
     # Best model
     metric_for_best_model: str | None = None
@@ -125,7 +158,31 @@ class TrainingArguments:
     remove_unused_columns: bool = True
     label_names: list[str] | None = None
     average_tokens_across_devices: bool = True
+
+    # Logging and experiment tracking (read by transformers' integration callbacks)
     report_to: str | list[str] | None = "none"
+    project: str = "huggingface"
+    trackio_space_id: str | None = None
+    trackio_bucket_id: str | None = None
+    trackio_static_space_id: str | None = None
+    log_level: str = "passive"
+    log_level_replica: str = "warning"
+    log_on_each_node: bool = True
+
+    # The Hub: read by callbacks (hub_private_repo by trackio); this trainer never pushes (needs the network).
+    push_to_hub: bool = False
+    hub_token: str | None = None
+    hub_private_repo: bool | None = None
+    hub_model_id: str | None = None
+    hub_strategy: HubStrategy | str = "every_save"
+    hub_always_push: bool = False
+    hub_revision: str | None = None
+
+    # For scripts (transformers' Trainer does not read them either); do_eval turns on with an eval_strategy.
+    do_train: bool = False
+    do_eval: bool = False
+    do_predict: bool = False
+    local_rank: int = -1
 
     def __post_init__(self) -> None:
         if self.output_dir is None:
@@ -138,6 +195,9 @@ class TrainingArguments:
         self.eval_strategy = _enum_field("eval_strategy", IntervalStrategy, self.eval_strategy)
         self.save_strategy = _enum_field("save_strategy", SaveStrategy, self.save_strategy)
         self.lr_scheduler_type = _enum_field("lr_scheduler_type", SchedulerType, self.lr_scheduler_type)
+        self.hub_strategy = _enum_field("hub_strategy", HubStrategy, self.hub_strategy)
+        if self.eval_strategy != IntervalStrategy.NO:
+            self.do_eval = True
 
         if self.eval_strategy == IntervalStrategy.STEPS and not self.eval_steps:
             # As in transformers: eval_steps falls back to logging_steps.
@@ -150,6 +210,8 @@ class TrainingArguments:
             self.report_to = []
         elif isinstance(self.report_to, str):
             self.report_to = [self.report_to]
+        if _in_a_kubeflow_trainjob() and "kubeflow" not in self.report_to:
+            self.report_to = [*self.report_to, "kubeflow"]  # as transformers: its controller set the variables
         self._validate()
 
     def _validate(self) -> None:
@@ -168,6 +230,8 @@ class TrainingArguments:
         need(0 <= self.adam_beta1 < 1, "adam_beta1", "must be in [0, 1)")
         need(0 <= self.adam_beta2 < 1, "adam_beta2", "must be in [0, 1)")
         need(self.adam_epsilon > 0, "adam_epsilon", "must be > 0")
+        need(self.optim in (None, "adamw_torch", "adamw_torch_fused"), "optim",
+             "must be 'adamw_torch' or 'adamw_torch_fused' (other optimizers: optimizer_cls_and_kwargs= on the Trainer)")
         need(self.max_grad_norm >= 0, "max_grad_norm", "must be >= 0 (0 disables clipping)")
         need(self.warmup_steps >= 0, "warmup_steps", "must be >= 0 (below 1 it is a ratio of max_steps)")
         need(self.warmup_ratio is None or 0 <= self.warmup_ratio <= 1, "warmup_ratio", "must be in [0, 1]")
@@ -184,6 +248,10 @@ class TrainingArguments:
              "must be None (keep all) or >= 1")
         need(self.dataloader_num_workers >= 0, "dataloader_num_workers", "must be >= 0")
         need(isinstance(self.seed, int), "seed", "must be an integer")
+        for name in ("log_level", "log_level_replica"):
+            need(getattr(self, name) in LOG_LEVELS, name, f"must be one of {', '.join(LOG_LEVELS)}")
+        need(not self.push_to_hub, "push_to_hub", "this trainer does not push to the Hub (it needs the network); "
+             "upload output_dir yourself, or run transformers' Trainer")
         if self.load_best_model_at_end:
             need(self.eval_strategy != IntervalStrategy.NO, "load_best_model_at_end",
                  "needs an eval_strategy other than 'no'")
@@ -230,8 +298,45 @@ class TrainingArguments:
         return int(os.environ.get("LOCAL_RANK", 0))
 
     @property
+    def n_gpu(self) -> int:
+        """GPUs this process uses: 1 on CUDA, else 0 (one GPU per process; no DataParallel here)."""
+        if "_n_gpu" in self.__dict__:  # set by transformers' hyperparameter search
+            return self.__dict__["_n_gpu"]
+        return 1 if self.device.type == "cuda" else 0
+
+    @property
+    def parallel_mode(self) -> ParallelMode:
+        return ParallelMode.DISTRIBUTED if self.world_size > 1 else ParallelMode.NOT_PARALLEL
+
+    @property
+    def should_log(self) -> bool:
+        """Whether this process logs: each node's first process, or only the first of all."""
+        return self.local_process_index == 0 if self.log_on_each_node else self.process_index == 0
+
+    @property
     def should_save(self) -> bool:
-        return self.process_index == 0
+        """Whether this process writes checkpoints and models: rank 0 (each node's first with save_on_each_node)."""
+        return self.local_process_index == 0 if self.save_on_each_node else self.process_index == 0
+
+    def get_process_log_level(self) -> int:
+        """log_level for a process that logs (should_log), log_level_replica for the others; "passive"
+        keeps the level the `trainer` logger has now."""
+        level = LOG_LEVELS[self.log_level if self.should_log else self.log_level_replica]
+        return logging.getLogger("trainer").getEffectiveLevel() if level == -1 else level
+
+    @contextlib.contextmanager
+    def main_process_first(self, local: bool = True, desc: str = "work"):
+        """Run the block on the main process first (the others wait at a barrier), as transformers."""
+        from . import distributed
+
+        is_main = (self.local_process_index if local else self.process_index) == 0
+        if not is_main:
+            distributed.barrier()
+        try:
+            yield
+        finally:
+            if is_main:
+                distributed.barrier()
 
     def get_warmup_steps(self, num_training_steps: int) -> int:
         if self.warmup_steps >= 1:
@@ -242,7 +347,7 @@ class TrainingArguments:
     # -- serialisation --------------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-able values: enums become their strings."""
+        """Plain JSON-able values: enums become their strings, a set token becomes `<HUB_TOKEN>`."""
         out = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
@@ -250,6 +355,8 @@ class TrainingArguments:
                 value = value.value
             elif isinstance(value, list) and value and isinstance(value[0], enum.Enum):
                 value = [v.value for v in value]
+            if f.name.endswith("_token") and value is not None:
+                value = f"<{f.name.upper()}>"
             out[f.name] = value
         return out
 
@@ -257,7 +364,12 @@ class TrainingArguments:
         return json.dumps(self.to_dict(), indent=2)
 
     def to_sanitized_dict(self) -> dict[str, Any]:
-        return {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in self.to_dict().items()}
+        """For TensorBoard's hparams (transformers' rule): the batch sizes added, anything but a bool, int,
+        float, str or tensor as its str()."""
+        import torch
+
+        data = {**self.to_dict(), "train_batch_size": self.train_batch_size, "eval_batch_size": self.eval_batch_size}
+        return {k: v if type(v) in (bool, int, float, str, torch.Tensor) else str(v) for k, v in data.items()}
 
     @classmethod
     def field_names(cls) -> frozenset[str]:

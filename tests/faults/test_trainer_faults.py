@@ -140,7 +140,7 @@ def resume(fg_home: Path, out: Path) -> subprocess.CompletedProcess:
 
 def test_a_checkpoint_with_garbled_weights_is_refused_on_resume_naming_the_file(fg_home, saved_run, tmp_path):
     out, checkpoint = copy_of(saved_run, tmp_path)
-    weights = checkpoint / "pytorch_model.bin"
+    weights = checkpoint / "model.safetensors"
     data = bytearray(weights.read_bytes())
     middle = len(data) // 2
     data[middle:middle + 64] = b"\xff" * 64  # NaN floats in the tensor data: torch.load alone loads them

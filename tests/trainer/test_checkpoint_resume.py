@@ -69,8 +69,10 @@ def test_checkpoint_contents(tmp_path):
     trainer = char_trainer(tmp_path, max_steps=3)
     trainer.train()
     ckpt = tmp_path / "checkpoint-3"
-    for name in ("pytorch_model.bin", "config.json", "tokenizer.json", "optimizer.pt", "scheduler.pt",
-                 "rng_state.pth", "trainer_state.json", "training_args.json"):
+    # transformers' files (a model that is not a transformers model is saved as model.safetensors), plus ours.
+    for name in ("model.safetensors", "tokenizer.json", "optimizer.pt", "scheduler.pt", "rng_state.pth",
+                 "trainer_state.json", "training_args.bin", "training_args.json", "data_position.json",
+                 "checksums.json"):
         assert (ckpt / name).is_file(), name
     state = json.loads((ckpt / "trainer_state.json").read_text())
     assert state["global_step"] == 3
@@ -95,7 +97,8 @@ def test_save_total_limit_keeps_the_best_checkpoint(tmp_path):
                            eval_steps=2, save_total_limit=1, metric_for_best_model="eval_loss")
     trainer.train()
     assert trainer.state.best_global_step == 2
-    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-8"]
+    # transformers' rule: at the end of training, save_total_limit=1 with a best checkpoint keeps only the best.
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-2"]
 
 
 class RisingEvalLoss(TrainerCallback):

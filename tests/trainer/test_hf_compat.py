@@ -17,6 +17,7 @@ import types
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import trainer as fg
 from conftest import EventRecorder, RegressionDataset, TinyRegression
@@ -103,8 +104,8 @@ def test_hf_early_stopping_stops_our_trainer_early(early_stopped_run):
     assert trainer.state.best_global_step == 1
     assert trainer.state.best_model_checkpoint == str(out / "checkpoint-1")
     # load_best_model_at_end: the weights in memory are checkpoint-1's, not the (corrupted) last ones.
-    best = torch.load(out / "checkpoint-1" / "pytorch_model.bin", weights_only=True)
-    last = torch.load(out / "checkpoint-3" / "pytorch_model.bin", weights_only=True)
+    best = load_file(str(out / "checkpoint-1" / "model.safetensors"))
+    last = load_file(str(out / "checkpoint-3" / "model.safetensors"))
     for name, value in trainer.model.state_dict().items():
         assert torch.equal(value, best[name]), name
         assert not torch.equal(value, last[name]), name
