@@ -177,6 +177,7 @@ def sinks_attached(corpus, out: Path, steps: int, device: str, name: str) -> flo
     tail = subprocess.Popen([sys.executable, "-m", "sinks", "tail", "--run", str(bus.publisher.bus_dir)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     trainer.train()
+    bus.close()
     tail.wait(120)
     return clock.per_step
 

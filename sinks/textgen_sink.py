@@ -4,7 +4,12 @@ The trainer's `TextgenCallback` writes a weight snapshot every N steps and publi
 This sink builds the model from the factory in the run's `meta` (import path and config), loads the
 snapshot, generates from each prompt, and sends the samples back into the run's stream as `textgen`
 records (over the run's inbox), so `tb`, `json` and `tail` show them. For a run that is over (nothing to
-send them to) the samples are printed instead.
+send them to) the samples are printed instead. The tokenizer is loaded from the copy saved beside the
+snapshots (the snapshot record's `tokenizer`), else rebuilt from the run's meta.
+
+A model or tokenizer that cannot be built (a class defined in the training script's `__main__`, a
+tokenizer with neither a saved copy nor a name) is said once on stderr, and every snapshot is answered with
+`textgen` records with `text: null` and the reason in `skipped`, so the trainer's wait for samples ends.
 """
 
 from __future__ import annotations
@@ -28,10 +33,7 @@ logger = logging.getLogger(__name__)
 
 def build_model(factory: str, config: dict | None):
     """`module:Class` and its config dict: a transformers model (`config_class`) or a model taking a config."""
-    module_name, _, class_name = factory.partition(":")
-    cls = importlib.import_module(module_name)
-    for attr in class_name.split("."):
-        cls = getattr(cls, attr)
+    cls = _import(factory)
     config = dict(config or {})
     config_class = getattr(cls, "config_class", None)
     if config_class is not None and hasattr(config_class, "from_dict"):
@@ -39,23 +41,37 @@ def build_model(factory: str, config: dict | None):
     return cls(config)
 
 
+def _import(factory: str):
+    module_name, _, class_name = factory.partition(":")
+    obj = importlib.import_module(module_name)
+    for attr in class_name.split("."):
+        obj = getattr(obj, attr)
+    return obj
+
+
 def build_tokenizer(description: dict | None):
-    """The tokenizer from the run's meta: its factory's `from_dict(config)`, or a transformers tokenizer
+    """The tokenizer from a description: a saved copy (`path`, loaded with its factory's `from_pretrained`,
+    else transformers' AutoTokenizer), else its factory's `from_dict(config)`, else a transformers tokenizer
     loaded from `name_or_path`."""
     if not description:
         raise ValueError("the run's meta has no tokenizer: textgen needs one to encode prompts")
-    factory, config = description.get("factory"), description.get("config")
-    if factory and config is not None:
-        module_name, _, class_name = factory.partition(":")
-        cls = getattr(importlib.import_module(module_name), class_name)
-        if hasattr(cls, "from_dict"):
-            return cls.from_dict(config)
+    factory, config, saved = description.get("factory"), description.get("config"), description.get("path")
+    cls = _import(factory) if factory else None
+    if saved:
+        if hasattr(cls, "from_pretrained"):
+            return cls.from_pretrained(saved)
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(saved)
+    if config is not None and hasattr(cls, "from_dict"):
+        return cls.from_dict(config)
     path = description.get("name_or_path")
     if path:
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(path)
-    raise ValueError(f"cannot rebuild tokenizer {factory!r} from the run's meta (no from_dict, no name_or_path)")
+    raise ValueError(f"cannot rebuild tokenizer {factory!r} from the run's meta (no saved copy, no from_dict, no "
+                     "name_or_path): pass it to the trainer as processing_class, with TextgenCallback saving it")
 
 
 class TextgenSink(Sink):
@@ -73,12 +89,13 @@ class TextgenSink(Sink):
         self.model = None
         self.tokenizer = None
         self.samples = 0
+        self.unusable: str | None = None  # why this run's model or tokenizer cannot be built
         self._ctx: zmq.Context | None = None
         self._push: zmq.Socket | None = None
 
     def open_run(self, info: RunInfo) -> int | None:
         self._close_push()
-        self.model = self.meta = None
+        self.model = self.meta = self.tokenizer = self.unusable = None
         if info.is_live:
             self._ctx = zmq.Context()
             self._push = self._ctx.socket(zmq.PUSH)
@@ -100,22 +117,25 @@ class TextgenSink(Sink):
 
         if self.meta is None:
             raise ValueError("a snapshot before on_train_begin: start this sink --from start")
-        if self.model is None:
-            model_meta = self.meta.get("model") or {}
-            self.model = build_model(model_meta["factory"], model_meta.get("config")).to(self.device).eval()
-            self.tokenizer = build_tokenizer(self.meta.get("tokenizer"))
+        if self.model is None and self.unusable is None:
+            self._build(record)
+        if self.unusable is not None:
+            self._skip(record, self.unusable)
+            return
         try:
             state = torch.load(record["path"], map_location=self.device, weights_only=True)
         except FileNotFoundError:
             # Rotated away before this sink got to it (it fell behind): say so in the stream, one record per
             # prompt, so nothing waits for samples that will not come.
             logger.warning("snapshot %s is gone (rotated away): skipped", record["path"])
-            for index, prompt in enumerate(self.prompts):
-                self._send({"op": "record", "event": "textgen", "global_step": record["global_step"],
-                            "epoch": record.get("epoch"), "prompt": prompt, "prompt_index": index, "text": None,
-                            "skipped": "the snapshot was rotated away before generation", "snapshot": record["path"]})
+            self._skip(record, "the snapshot was rotated away before generation")
             return
-        self.model.load_state_dict(state)
+        try:
+            self.model.load_state_dict(state)
+        except RuntimeError as e:  # missing / unexpected keys, wrong shapes: every snapshot will fail alike
+            self._give_up(f"the snapshot's weights do not fit the model built from the run's meta: {e}")
+            self._skip(record, self.unusable)
+            return
         generator = torch.Generator(device=self.device).manual_seed(self.seed + record["global_step"])
         for index, prompt in enumerate(self.prompts):
             ids = torch.tensor([self.tokenizer.encode(prompt)], device=self.device)
@@ -126,6 +146,40 @@ class TextgenSink(Sink):
                         "epoch": record.get("epoch"), "prompt": prompt, "prompt_index": index, "text": text,
                         "snapshot": record["path"]})
             self.samples += 1
+
+    def _build(self, record: dict) -> None:
+        """The model (from the meta's factory and config) and the tokenizer (the copy saved beside the
+        snapshots, else the meta's description). Either is user code, imported by name: whatever it raises
+        means no samples for this run, and the reason is reported (once) rather than the sink dying."""
+        model_meta = self.meta.get("model") or {}
+        factory = model_meta.get("factory")
+        try:
+            if not factory:
+                raise ValueError("the run's meta names no model factory")
+            self.model = build_model(factory, model_meta.get("config")).to(self.device).eval()
+        except Exception as e:  # noqa: BLE001 - see the docstring
+            self.model = None
+            self._give_up(f"cannot build the model {factory!r} from the run's meta: {type(e).__name__}: {e}")
+            return
+        description = record.get("tokenizer") or self.meta.get("tokenizer")
+        try:
+            self.tokenizer = build_tokenizer(description)
+        except Exception as e:  # noqa: BLE001 - see the docstring
+            self.model = None
+            where = "saved with the snapshots" if record.get("tokenizer") else "described in the run's meta"
+            self._give_up(f"cannot build the tokenizer {where}: {type(e).__name__}: {e}")
+
+    def _give_up(self, reason: str) -> None:
+        self.unusable = reason if len(reason) <= 1000 else reason[:1000] + "..."  # a state-dict error lists every key
+        logger.error("textgen: %s; no samples for this run (each snapshot is answered with a skipped sample)",
+                     printable(reason))
+
+    def _skip(self, record: dict, reason: str) -> None:
+        """One `textgen` record per prompt with no text and the reason: nothing waits for these samples."""
+        for index, prompt in enumerate(self.prompts):
+            self._send({"op": "record", "event": "textgen", "global_step": record["global_step"],
+                        "epoch": record.get("epoch"), "prompt": prompt, "prompt_index": index, "text": None,
+                        "skipped": reason, "snapshot": record["path"]})
 
     def _sample(self, ids, generator):
         options = {k: v for k, v in self.generation.items() if v is not None}

@@ -7,7 +7,7 @@ from ._utils import EvalLoopOutput, EvalPrediction, PredictionOutput, TrainOutpu
 from .callbacks import EVENTS, CallbackHandler, DefaultFlowCallback, TrainerCallback
 from .default_callbacks import EarlyStoppingCallback, InfoCallback, PrinterCallback, ProgressCallback
 from .state import ExportableState, TrainerControl, TrainerState
-from .bus_callback import BusCallback
+from .bus_callback import BusCallback, attach_bus
 from .sink_callbacks import GradLogger, JsonLogger, TailLogger, TBLogger, TextgenCallback
 from .trainer import Trainer
 from .training_args import IntervalStrategy, SaveStrategy, SchedulerType, TrainingArguments
@@ -40,4 +40,5 @@ __all__ = [
     "TrainerState",
     "TrainingArguments",
     "set_seed",
+    "attach_bus",
 ]

@@ -1,8 +1,10 @@
 """`BusCallback`: every one of the fifteen events, as a record on the run's bus.
 
 Placed at the head of the callback list (`Trainer(..., event_bus=BusCallback())`, as `fg-train` does), it
-sees each event before any other callback, so the records are in firing order. It also works when added to
-a `transformers.Trainer` (`trainer.add_callback(BusCallback())`), so an HF run can be followed by fg sinks.
+sees each event before any other callback, so the records are in firing order. A `transformers.Trainer` is
+followed with `attach_bus(trainer)`: the same placement, plus hooks for the per-step loss and grad norm that
+transformers does not hand to callbacks. There the stream stays open after `on_train_end`, for `evaluate()`
+and `predict()` calls after `train()`, and ends at `bus.close()` or at process exit.
 
 Hot path: one dict and one `Publisher.publish` per event (a few microseconds, no I/O). The per-step loss and
 grad norm are never read with a device sync: on the CPU `.item()` is free; on a GPU they are copied to
@@ -12,6 +14,7 @@ Control commands (`fg-bus ctl`, SIGINT/SIGTERM in `fg-train`) are applied here a
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
@@ -137,10 +140,81 @@ class _PinnedRing:
         return slot
 
 
+def attach_bus(trainer, bus: "BusCallback | None" = None, **options: Any) -> "BusCallback":
+    """Follow `trainer` (a `transformers.Trainer`, or this project's) with fg-bus: `bus = attach_bus(trainer)`.
+
+    `bus` (default: a new `BusCallback(**options)`) goes first in `trainer.callback_handler.callbacks`, a plain
+    list in both trainers, wherever it was before and whatever was added before it. Callbacks added later
+    are appended after it. So it publishes each event before any other callback sees it, and the sink
+    handles (`TextgenCallback`, `JsonLogger`, ...) find the bus started at their `on_train_begin`. It also
+    hooks the step's loss and gradient norm (`_StepTaps`) so that `on_step_end` records carry them.
+    """
+    if bus is None:
+        bus = BusCallback(**options)
+    elif options:
+        raise TypeError(f"attach_bus: pass a bus or its options, not both ({', '.join(options)})")
+    callbacks = trainer.callback_handler.callbacks
+    for i, cb in reversed(list(enumerate(callbacks))):
+        if cb is bus:
+            del callbacks[i]
+    callbacks.insert(0, bus)
+    bus.attach(trainer)
+    return bus
+
+
+class _StepTaps:
+    """The step's loss and gradient norm inside `transformers.Trainer`, as tensors still on the device.
+
+    transformers (5.x) hands callbacks neither: `on_step_end` gets the model, optimizer and dataloaders, and
+    the norm `clip_grad_norm_` returns stays a local of its loop. So the taps wrap, on this trainer's objects
+    only, the two calls that return them: `trainer.training_step` (its return value is the micro-batch's
+    detached loss, already divided for gradient accumulation where transformers divides; summed over the
+    step's micro-batches it is the step's loss, as our Trainer's `step_loss`) and
+    `trainer.accelerator.clip_grad_norm_` (the pre-clip total norm, the value transformers logs as
+    `grad_norm`; transformers calls it with max_norm=inf when clipping is off). The wrappers keep
+    references and add tensors on the device: no read, no sync. A backend that bypasses accelerate's
+    clipping (DeepSpeed returns a float, or nothing) leaves `grad_norm` out.
+    """
+
+    def __init__(self, trainer):
+        self.loss: torch.Tensor | None = None
+        self.grad_norm: torch.Tensor | None = None
+        training_step = trainer.training_step
+
+        def tapped_training_step(*args, **kwargs):
+            loss = training_step(*args, **kwargs)
+            if isinstance(loss, torch.Tensor):
+                self.loss = loss if self.loss is None else self.loss + loss
+            return loss
+
+        trainer.training_step = tapped_training_step
+        accelerator = getattr(trainer, "accelerator", None)
+        clip = getattr(accelerator, "clip_grad_norm_", None)
+        if clip is not None:
+            def tapped_clip_grad_norm_(*args, **kwargs):
+                norm = clip(*args, **kwargs)
+                self.grad_norm = norm if isinstance(norm, torch.Tensor) else None
+                return norm
+
+            accelerator.clip_grad_norm_ = tapped_clip_grad_norm_
+
+    def reset(self) -> None:
+        self.loss = self.grad_norm = None
+
+    def take(self) -> dict[str, torch.Tensor]:
+        values = {name: value for name, value in (("loss", self.loss), ("grad_norm", self.grad_norm))
+                  if value is not None}
+        self.reset()
+        return values
+
+
 class BusCallback(TrainerCallback):
     """Publishes every event; `run_name` names the run (default: args.run_name, else the output dir's name);
     `tcp="HOST:PORT"` binds tcp endpoints instead of private ipc sockets (beyond loopback it needs CURVE keys,
-    or `insecure=True`: see `Publisher`); `meta` adds to on_train_begin's meta."""
+    or `insecure=True`: see `Publisher`); `meta` adds to on_train_begin's meta.
+
+    The stream ends with `close()`: our Trainer calls it after train(); otherwise (transformers.Trainer) call
+    it yourself, or it is called at process exit, so `evaluate()` and `predict()` after `train()` are in it."""
 
     def __init__(self, run_name: str | None = None, tcp: str | None = None, meta: dict | None = None,
                  rank: int | None = None, world_size: int | None = None, insecure: bool = False):
@@ -151,7 +225,9 @@ class BusCallback(TrainerCallback):
         self.rank = rank
         self.world_size = world_size
         self.publisher: Publisher | None = None
-        self.trainer = None  # set by our Trainer: the per-step loss lives there
+        self.trainer = None  # set by our Trainer: the per-step loss lives there (and it closes the stream)
+        self._taps: _StepTaps | None = None  # in a transformers.Trainer (attach_bus): the per-step loss
+        self._training = False  # between on_train_begin and on_train_end: an exit now means train() failed
         self._pinned = _PinnedRing()
         self._end_status = registry.COMPLETED  # "interrupted" once a signal asked the run to stop
         self._after_close: list = []
@@ -171,8 +247,29 @@ class BusCallback(TrainerCallback):
             self.publisher = Publisher(bus_dir, run_id, rank=rank, world_size=world, name=name,
                                        tcp=_tcp_for_local_rank(self.tcp), insecure=self.insecure).start()
             _ACTIVE.append(self)
+            # Registered after the publisher's own exit hook, so it runs first (atexit is last in, first out):
+            # the stream ends with the run's real status and the sink handles wait, for a bounded time.
+            atexit.register(self._close_at_exit)
             logger.info("publishing run %s (%s)", run_id, bus_dir)
         return self.publisher
+
+    def attach(self, trainer) -> "BusCallback":
+        """Read the step's loss and grad norm from `trainer` (`attach_bus` also places the bus first): our
+        Trainer exposes them (and closes the stream after train()); a transformers.Trainer gets taps."""
+        if hasattr(trainer, "step_loss"):
+            self.trainer = trainer
+            if getattr(trainer, "event_bus", None) is None:
+                trainer.event_bus = self
+        elif self._taps is None:
+            self._taps = _StepTaps(trainer)
+        return self
+
+    def _close_at_exit(self) -> None:
+        status = None
+        if self._training:  # train() was left by an exception: on_train_end never came
+            last = getattr(sys, "last_value", None)  # an uncaught exception, set before atexit runs
+            status = registry.INTERRUPTED if isinstance(last, KeyboardInterrupt) else registry.FAILED
+        self.close(status)
 
     def close(self, status: str | None = None) -> None:
         """End the run's stream with `status` (default: completed, or interrupted after a signal), then run
@@ -182,6 +279,7 @@ class BusCallback(TrainerCallback):
             self.publisher.close(status or self._end_status)
             if self in _ACTIVE:
                 _ACTIVE.remove(self)
+        atexit.unregister(self._close_at_exit)
         hooks, self._after_close = self._after_close, []
         deadline = time.monotonic() + self.after_close_timeout
         for hook in hooks:
@@ -220,13 +318,17 @@ class BusCallback(TrainerCallback):
             **self.extra_meta,
         }
         self._publish("on_train_begin", args, state, meta=meta)
+        self._training = True
+        if self.trainer is None and self._taps is None:
+            logger.warning("BusCallback was added without attach_bus(trainer): its on_step_end records carry no "
+                           "loss or grad_norm (attach_bus also places it first among the callbacks)")
 
     def on_train_end(self, args, state, control, **kwargs):
+        # The stream stays open: our Trainer closes it after every callback's on_train_end (so their last
+        # records belong to the run); under transformers, evaluate() / predict() may follow, and close()
+        # or the process's exit ends it.
         self._publish("on_train_end", args, state)
-        if self.trainer is None:
-            # Inside transformers.Trainer nothing closes us later: end the stream now. Our Trainer closes it
-            # after every callback's on_train_end, so their last records still belong to the run.
-            self.close()
+        self._training = False
 
     def on_epoch_begin(self, args, state, control, **kwargs):
         self._publish("on_epoch_begin", args, state)
@@ -235,6 +337,8 @@ class BusCallback(TrainerCallback):
         self._publish("on_epoch_end", args, state)
 
     def on_step_begin(self, args, state, control, **kwargs):
+        if self._taps is not None:
+            self._taps.reset()  # a step cut short (should_epoch_stop mid-accumulation) leaves nothing behind
         self._publish("on_step_begin", args, state)
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
@@ -274,6 +378,8 @@ class BusCallback(TrainerCallback):
             self.publisher.publish_when_ready(ready_now, event, global_step, epoch, metrics=values, **fields)
 
     def _step_values(self) -> dict[str, torch.Tensor]:
+        if self._taps is not None:
+            return self._taps.take()
         trainer = self.trainer
         if trainer is None:
             return {}

@@ -232,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     resume = opts.resume
     try:
         result = trainer.train(resume_from_checkpoint=resume)
+        if bus is not None:
+            bus.close()  # the stream ends here: the sinks finish and exit (train() leaves it open for evaluate())
     except KeyboardInterrupt:
         _stop_sinks(trainer)  # a Ctrl-C that cut short the wait for them: none is left running behind us
         if bus is not None and bus.publisher is not None and bus.publisher.closed:

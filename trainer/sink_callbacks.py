@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from .bus_callback import active_bus
+from .bus_callback import _factory_of, active_bus
 from .callbacks import TrainerCallback
 
 logger = logging.getLogger(__name__)
@@ -56,6 +56,7 @@ class SinkProcess(TrainerCallback):
         self.ended_early = False  # it exited before the run's end record was out
         self.stopped_by_us = False  # fg-train stopped it (past the end deadline, or on abort)
         self.options: list[str] = []  # what it was started with besides KIND --run: its output, prompts, ...
+        self._waiting_for_bus = False  # no bus at on_train_begin: try again at the first step
 
     def sink_args(self, args) -> list[str]:
         return []
@@ -72,10 +73,24 @@ class SinkProcess(TrainerCallback):
         return self.run_dir is not None and (self.ended_early or self.stopped_by_us or bool(self.returncode))
 
     def on_train_begin(self, args, state, control, **kwargs):
+        self._start(args, state, last_chance=False)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self._waiting_for_bus:
+            self._start(args, state, last_chance=True)
+
+    def _start(self, args, state, last_chance: bool) -> None:
+        """Start the sink for the run on this process's bus. A bus placed after this callback (a BusCallback
+        added with `add_callback` after `__init__`) has not started at our on_train_begin; it has by the first
+        step, so that is tried too before giving up."""
+        self._waiting_for_bus = False
         if not state.is_world_process_zero:
             return
         bus = active_bus()
         if bus is None:
+            if not last_chance:
+                self._waiting_for_bus = True
+                return
             logger.warning("%s: no event bus in this process (fg-train --no-bus?); the %s sink will not run",
                            type(self).__name__, self.kind)
             return
@@ -239,6 +254,7 @@ class TextgenCallback(SinkProcess):
         self.device = device
         self._writer: threading.Thread | None = None
         self.snapshots = 0
+        self._tokenizer: dict | None = None  # how the sink rebuilds the tokenizer, once saved with the snapshots
 
     def sink_args(self, args) -> list[str]:
         out = ["--device", self.device]
@@ -252,7 +268,11 @@ class TextgenCallback(SinkProcess):
                 out += [flag, str(value)]
         return out
 
-    def on_step_end(self, args, state, control, model=None, **kwargs):
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._tokenizer = None  # saved again into this run's snapshots
+        super().on_train_begin(args, state, control, **kwargs)
+
+    def on_step_end(self, args, state, control, model=None, processing_class=None, **kwargs):
         if state.global_step % self.generation_steps or model is None or not state.is_world_process_zero:
             return
         bus = active_bus()
@@ -277,13 +297,34 @@ class TextgenCallback(SinkProcess):
             directory.mkdir(exist_ok=True)
             path = directory / f"step-{step}.pt"
             torch.save(weights, path)
-            bus.publisher.publish("snapshot", step, epoch, path=str(path))
+            tokenizer = self._save_tokenizer(processing_class, directory)
+            bus.publisher.publish("snapshot", step, epoch, path=str(path),
+                                  **({"tokenizer": tokenizer} if tokenizer else {}))
             self.snapshots += 1
             for old in sorted(directory.glob("step-*.pt"), key=lambda p: int(p.stem.split("-")[1]))[:-self.keep_snapshots]:
                 old.unlink(missing_ok=True)
 
         self._writer = threading.Thread(target=write, name="fg-textgen-snapshot", daemon=True)
         self._writer.start()
+
+    def _save_tokenizer(self, tokenizer, directory: Path) -> dict | None:
+        """The tokenizer travels with the snapshots: saved once (`save_pretrained`) into SNAPSHOTS/tokenizer,
+        and each snapshot record says how to load it (`factory` and `path`). A tokenizer made in memory (a
+        `PreTrainedTokenizerFast` over a `tokenizers` object, a `CharTokenizer`) has no name the sink could
+        load it from. Runs on the writer thread. None if there is nothing to save (the sink falls back on the
+        run meta's description)."""
+        if self._tokenizer is None and tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+            target = directory / "tokenizer"
+            try:
+                target.mkdir(exist_ok=True)
+                tokenizer.save_pretrained(str(target))
+            except (OSError, TypeError, ValueError, AttributeError, NotImplementedError) as e:
+                logger.warning("textgen: could not save the tokenizer with the snapshots (%s: %s); the sink will "
+                               "rebuild it from the run's meta if it can", type(e).__name__, e)
+                self._tokenizer = {}
+            else:
+                self._tokenizer = {"factory": _factory_of(tokenizer), "path": str(target)}
+        return self._tokenizer or None
 
     def on_train_end(self, args, state, control, **kwargs):
         """Before the stream ends, let the sink send back the samples of every snapshot (bounded wait)."""

@@ -315,6 +315,7 @@ def test_the_bus_callback_publishes_from_inside_transformers_trainer(fg_home, tm
     hf = transformers.Trainer(model=TinyRegression(), args=args, train_dataset=RegressionDataset(8),
                               callbacks=[bus])
     hf.train()
+    bus.close()  # under transformers the stream stays open after train() for evaluate() / predict()
     info = registry.resolve(bus.run_id)
     got = list(Subscriber(str(info.bus_dir)))
     assert contiguous(got) and got[-1]["status"] == "completed"

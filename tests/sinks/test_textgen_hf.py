@@ -125,6 +125,7 @@ def test_bus_callback_publishes_a_run_of_a_transformers_model(hf_tokenizer, tmp_
     args = TrainingArguments(output_dir=str(tmp_path / "run"), use_cpu=True, disable_tqdm=True, max_steps=3,
                              save_strategy="no", per_device_train_batch_size=2)
     Trainer(model, args, train_dataset=Blocks(), processing_class=hf_tokenizer, event_bus=bus).train()
+    bus.close()
     journal = list(read_journal(registry.resolve(bus.run_id).journal_path()))
     assert journal[-1]["event"] == "end" and journal[-1]["status"] == "completed"
     begin = next(r for r in journal if r["event"] == "on_train_begin")

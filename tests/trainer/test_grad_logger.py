@@ -56,6 +56,7 @@ def train(tmp_path, model=None, dataset=None, grad_logger=None, **kwargs):
                       train_dataset=dataset if dataset is not None else RegressionDataset(16),
                       compute_loss_func=compute_loss_func, callbacks=[capture, grad_logger], event_bus=bus)
     trainer.train()
+    bus.close()
     journal = list(read_journal(registry.resolve(bus.run_id).journal_path()))
     assert journal[-1]["event"] == "end" and journal[-1]["status"] == "completed"
     return journal, capture, trainer
