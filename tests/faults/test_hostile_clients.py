@@ -172,6 +172,11 @@ def test_the_live_journal_deleted_mid_run_is_restored_and_replay_goes_on(publish
     path = publisher.bus_dir / "journal.rank0.jsonl"
     path.unlink()  # a clumsy clean-up
     wait_for(path.exists, 30, "the journal to be restored")
+    # The warning follows the restore on the bus thread; closing before it is out would drop it (nothing is
+    # published after the end record), so wait for it as a follower would see it.
+    deadline = time.monotonic() + 30
+    while not any(r["event"] == "warning" for r in got) and time.monotonic() < deadline:
+        got += sub.poll(1.0)
     for i in range(300, 600):
         publisher.publish("on_log", i)
     late = Subscriber(publisher.run_id, from_seq=0, dead_after=30)
