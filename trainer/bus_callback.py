@@ -377,6 +377,14 @@ class BusCallback(TrainerCallback):
             # accelerator, mps or xpu, that read is the bus thread's sync, never this thread's.)
             self.publisher.publish_when_ready(ready_now, event, global_step, epoch, metrics=values, **fields)
 
+    def step_grad_norm(self) -> torch.Tensor | None:
+        """This step's total gradient norm before clipping, still on the device (None when not known yet:
+        it is known from the clipping on, i.e. at on_pre_optimizer_step and after)."""
+        if self._taps is not None:
+            return self._taps.grad_norm
+        norm = getattr(self.trainer, "step_grad_norm", None)
+        return norm if isinstance(norm, torch.Tensor) else None
+
     def _step_values(self) -> dict[str, torch.Tensor]:
         if self._taps is not None:
             return self._taps.take()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import math
 import os
 import re
 import shlex
@@ -344,9 +345,23 @@ class TextgenCallback(SinkProcess):
             time.sleep(0.05)
 
 
+def _clip_factor(args, bus, norms: torch.Tensor) -> torch.Tensor | float:
+    """The factor gradient clipping multiplied every gradient by this step (1 without clipping), as a device
+    value: from the pre-clip total norm the bus holds (our Trainer's, or tapped from transformers')."""
+    max_norm = getattr(args, "max_grad_norm", 0) or 0
+    total = bus.step_grad_norm() if hasattr(bus, "step_grad_norm") else None
+    if max_norm <= 0 or total is None or not math.isfinite(max_norm):
+        return 1.0
+    return (max_norm / (total.to(norms.device, torch.float32) + 1e-6)).clamp(max=1.0)
+
+
 class GradLogger(TrainerCallback):
     """Gradient statistics every `log_frequency` steps, while the gradients exist (on_pre_optimizer_step,
-    after clipping, before zero_grad): one fused `torch._foreach_norm` over all gradients, no sync.
+    before zero_grad): one fused `torch._foreach_norm` over all gradients, no sync. The norms are those
+    BEFORE clipping, as the trainer's `grad_norm` is: clipping scaled every gradient by one factor,
+    min(1, max_grad_norm / (total + 1e-6)) (torch's clip_grad_norm_), computed again here on the device from
+    the pre-clip total the bus holds, and divided out. (After clipping, the total could never exceed
+    max_grad_norm, and `exploding` could never fire.)
 
     Publishes a `grad_stats` record with grad_norm_total/max/min/mean and the norms of parameters whose
     name matches a `track_layers` regex; a total norm below `vanishing` or above `exploding` is published
@@ -374,6 +389,7 @@ class GradLogger(TrainerCallback):
         if not named:
             return
         norms = torch.stack(torch._foreach_norm([g for _, g in named]))  # one fused kernel launch
+        norms = norms / _clip_factor(args, bus, norms)
         values = {
             "grad_norm_total": torch.linalg.vector_norm(norms),
             "grad_norm_max": norms.max(),

@@ -106,15 +106,28 @@ def test_grad_stats_are_published_while_the_gradients_exist(tmp_path):
         assert after["event"] == "on_optimizer_step"
 
 
-def test_clipping_happens_before_the_stats_are_taken(tmp_path):
+def test_the_stats_are_the_norms_before_clipping(tmp_path):
+    """With max_grad_norm far below the gradients' norm, the stats are still the pre-clip ones: at step 1
+    (same weights, same batch) they equal an unclipped run's, and at every step the total equals the
+    trainer's own pre-clip grad_norm; an `exploding` threshold between the clip and the norm fires."""
     torch.manual_seed(0)
-    journal, capture, _ = train(tmp_path, max_grad_norm=1e-3)
-    stats = of(journal, "grad_stats")
-    assert [r["global_step"] for r in stats] == [2, 4, 6]
-    for record in stats:
-        expected = expected_stats(capture.norms[record["global_step"]])
-        assert record["metrics"]["grad_norm_total"] == pytest.approx(expected["grad_norm_total"], rel=REL)
-        assert record["metrics"]["grad_norm_total"] <= 1e-3 * (1 + 1e-4)
+    clipped, capture, _ = train(tmp_path / "clipped", max_grad_norm=1e-3,
+                                grad_logger=GradLogger(log_frequency=1, exploding=2e-3))
+    torch.manual_seed(0)
+    free, _, _ = train(tmp_path / "free", grad_logger=GradLogger(log_frequency=1, exploding=1e9))
+    stats = {r["global_step"]: r["metrics"] for r in of(clipped, "grad_stats")}
+    assert sorted(stats) == [1, 2, 3, 4, 5, 6]
+    first_free = of(free, "grad_stats")[0]["metrics"]
+    for key in ("grad_norm_total", "grad_norm_max", "grad_norm_min", "grad_norm_mean"):
+        assert stats[1][key] == pytest.approx(first_free[key], rel=REL), key
+    for record in of(clipped, "on_step_end"):
+        pre_clip = record["metrics"]["grad_norm"]
+        assert pre_clip > 1e-2  # clipping really happened: the gradients the optimizer saw were 1e-3
+        assert stats[record["global_step"]]["grad_norm_total"] == pytest.approx(pre_clip, rel=REL)
+        post_clip = expected_stats(capture.norms[record["global_step"]])["grad_norm_total"]
+        assert post_clip == pytest.approx(1e-3, rel=1e-3)
+    warned = [r for r in of(clipped, "warning") if "exploding" in r["message"]]
+    assert [r["global_step"] for r in warned] == [1, 2, 3, 4, 5, 6]
 
 
 def scaled_loss(factor):
@@ -199,3 +212,26 @@ def test_tracked_layers_of_a_char_gpt(tmp_path):
 def test_log_frequency_must_be_positive():
     with pytest.raises(ValueError, match="log_frequency"):
         GradLogger(log_frequency=0)
+
+
+def test_under_transformers_the_stats_are_the_norms_before_clipping(tmp_path):
+    """In a transformers.Trainer (attach_bus taps accelerate's clip_grad_norm_), the total equals the
+    grad_norm transformers logs, which is the pre-clip norm, though the gradients were clipped to 1e-3."""
+    transformers = pytest.importorskip("transformers")
+    from trainer import attach_bus
+
+    torch.manual_seed(0)
+    hf = transformers.Trainer(
+        model=TinyRegression(), train_dataset=RegressionDataset(16), callbacks=[GradLogger(log_frequency=1)],
+        args=transformers.TrainingArguments(output_dir=str(tmp_path / "hf"), use_cpu=True, report_to="none",
+                                            max_steps=4, logging_steps=1, max_grad_norm=1e-3, save_strategy="no",
+                                            per_device_train_batch_size=4, disable_tqdm=True))
+    bus = attach_bus(hf)
+    hf.train()
+    bus.close()
+    journal = list(read_journal(registry.resolve(bus.run_id).journal_path()))
+    logged = {h["step"]: h["grad_norm"] for h in hf.state.log_history if "grad_norm" in h}
+    stats = {r["global_step"]: r["metrics"]["grad_norm_total"] for r in of(journal, "grad_stats")}
+    assert sorted(stats) == sorted(logged) == [1, 2, 3, 4]
+    for step, norm in logged.items():
+        assert norm > 1e-2 and stats[step] == pytest.approx(norm, rel=1e-4), step
