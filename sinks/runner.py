@@ -17,6 +17,7 @@ when every followed rank has ended or died.
 from __future__ import annotations
 
 import logging
+import os
 import shlex
 import signal
 import sys
@@ -246,6 +247,9 @@ def run_sink(sink: Sink, run: str = "latest", start: int | str = "start", follow
                 _say(f"fg-sink {sink.kind}: error: {e}")
                 return e.status
             except WriteFailed as e:
+                if isinstance(e.error, BrokenPipeError):  # its reader went away (`| head`): end quietly, as cat
+                    _stdout_to_devnull()
+                    return 0
                 _say(_write_failed(sink.kind, e, info, argv))
                 return EXIT_WRITE_FAILED
             print(summary.line(sink.kind), file=sys.stderr, flush=True)
@@ -268,6 +272,17 @@ def run_sink(sink: Sink, run: str = "latest", start: int | str = "start", follow
     if stop.signal is not None:
         return 128 + getattr(signal, stop.signal)
     return code
+
+
+def _stdout_to_devnull() -> None:
+    """After a broken pipe: what is still buffered for stdout goes nowhere, so the interpreter's flush at
+    exit does not print a BrokenPipeError of its own."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # no real stdout (a test's capture): nothing to quiet
+        pass
 
 
 def _close(sink: Sink) -> None:
