@@ -31,7 +31,7 @@ from collections.abc import Mapping
 import torch
 
 from ._utils import (EvalLoopContainer, EvalLoopOutput, EvalPrediction, PredictionOutput, call_model,
-                     denumpify_detensorize, find_batch_size, nested_detach, speed_metrics, to_device)
+                     denumpify_detensorize, find_batch_size, length_of, nested_detach, speed_metrics, to_device)
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ class EvaluationMixin:
             prediction_loss_only = args.prediction_loss_only
         model = self._prepare_model_for_evaluation()
         dataset = getattr(dataloader, "dataset", None)
-        dataset_length = _length(dataset)
+        dataset_length = length_of(dataset)
         logger.info("***** Running %s *****", description)
         logger.info("  Num examples = %s", dataset_length if dataset_length is not None else "Unknown")
         logger.info("  Batch size = %d", args.eval_batch_size)
@@ -307,8 +307,3 @@ def _with_last(iterable):
     yield item, True
 
 
-def _length(dataset) -> int | None:
-    try:
-        return len(dataset)
-    except (TypeError, AttributeError):
-        return None

@@ -216,3 +216,11 @@ class EvalLoopContainer:
         if not self.do_nested_concat:
             return list(self.chunks)
         return _concat_all(self.chunks, self.padding_index)
+
+
+def length_of(sized) -> int | None:
+    """len() of a dataset or data loader, None for one without a length (an iterable dataset)."""
+    try:
+        return len(sized)
+    except (TypeError, AttributeError):
+        return None

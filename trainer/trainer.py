@@ -24,7 +24,7 @@ from . import distributed
 from ._optim import OptimizerMixin
 from ._evaluation import EvaluationMixin
 from ._saving import CheckpointMixin
-from ._utils import TrainOutput, call_model, loss_from_outputs, set_seed, speed_metrics, to_device
+from ._utils import TrainOutput, call_model, length_of, loss_from_outputs, set_seed, speed_metrics, to_device
 from .callbacks import CallbackHandler, DefaultFlowCallback
 from .data import DataMixin, EpochSampler, default_data_collator, label_names_of
 from .default_callbacks import InfoCallback, PrinterCallback, ProgressCallback
@@ -200,7 +200,7 @@ class Trainer(DataMixin, EvaluationMixin, CheckpointMixin, OptimizerMixin):
             ckpt.load_model_weights(self.model, checkpoint)
 
         train_dataloader = self.get_train_dataloader()
-        batches_per_epoch = _length(train_dataloader)
+        batches_per_epoch = length_of(train_dataloader)
         if batches_per_epoch is None and args.max_steps <= 0:
             raise ValueError("max_steps must be set (> 0) when the train_dataset has no length")
         gas = args.gradient_accumulation_steps
@@ -553,8 +553,7 @@ class Trainer(DataMixin, EvaluationMixin, CheckpointMixin, OptimizerMixin):
             distributed.agree_on_control(self.control)  # on_evaluate callbacks (early stopping) may have voted
 
         if self.control.should_save:
-            self.store_flos()  # the checkpoint's trainer_state.json has the flos so far, as transformers'
-            self._save_checkpoint()
+            self._save_checkpoint()  # it stores the flos so far first, as transformers' does
             self.control = self.callback_handler.on_save(self.args, self.state, self.control)
 
     def _get_learning_rate(self) -> float:
@@ -593,10 +592,3 @@ def _sum_over_ranks(value: float) -> float:
     box = torch.tensor([value], dtype=torch.float64)
     torch.distributed.all_reduce(box, group=distributed._host_group)
     return box.item()
-
-
-def _length(dataloader) -> int | None:
-    try:
-        return len(dataloader)
-    except TypeError:
-        return None
