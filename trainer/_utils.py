@@ -38,7 +38,7 @@ def set_seed(seed: int) -> None:
 
 
 def speed_metrics(split: str, start_time: float, num_samples: float | None = None,
-                  num_steps: int | None = None) -> dict[str, float]:
+                  num_steps: int | None = None, num_tokens: int | None = None) -> dict[str, float]:
     runtime = time.time() - start_time
     result = {f"{split}_runtime": round(runtime, 4)}
     if runtime > 0:
@@ -46,6 +46,8 @@ def speed_metrics(split: str, start_time: float, num_samples: float | None = Non
             result[f"{split}_samples_per_second"] = round(num_samples / runtime, 3)
         if num_steps is not None:
             result[f"{split}_steps_per_second"] = round(num_steps / runtime, 3)
+        if num_tokens is not None:
+            result[f"{split}_tokens_per_second"] = round(num_tokens / runtime, 3)
     return result
 
 

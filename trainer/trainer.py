@@ -24,6 +24,7 @@ from . import distributed
 from ._optim import OptimizerMixin
 from ._evaluation import EvaluationMixin
 from ._saving import CheckpointMixin
+from ._throughput import ThroughputMeter
 from ._utils import TrainOutput, call_model, length_of, loss_from_outputs, set_seed, speed_metrics, to_device
 from .callbacks import CallbackHandler, DefaultFlowCallback
 from .data import DataMixin, EpochSampler, default_data_collator, label_names_of
@@ -101,6 +102,7 @@ class Trainer(DataMixin, EvaluationMixin, CheckpointMixin, OptimizerMixin):
         # The last optimizer step's loss and gradient norm, still on the device (read by publishers).
         self.step_loss: torch.Tensor | None = None
         self.step_grad_norm: torch.Tensor | None = None
+        self.step_data_time: float | None = None  # seconds this rank waited for the last step's batches
         self._data_position = (0, 0)  # (epoch, examples of it seen by all ranks): saved with checkpoints
         self.control = self.callback_handler.on_init_end(self.args, self.state, self.control)
 
@@ -234,6 +236,10 @@ class Trainer(DataMixin, EvaluationMixin, CheckpointMixin, OptimizerMixin):
         self._initial_global_step = self.state.global_step
         self._tr_loss = torch.zeros((), device=args.device)  # summed on the device between logging steps
         self._flos_params = None  # model.num_parameters(exclude_embeddings=True), read once per train()
+        self._initial_num_input_tokens_seen = self.state.num_input_tokens_seen  # for train_tokens_per_second
+        # samples / tokens / FLOPs counted per micro-batch on the host, read at logging steps (_throughput.py)
+        self._throughput = ThroughputMeter(args, self.model, self.processing_class)
+        self._extra_logs: dict[str, float] = {}
         self._total_loss_scalar = 0.0
         self._globalstep_last_logged = self.state.global_step
         self.model.zero_grad(set_to_none=True)
@@ -243,6 +249,7 @@ class Trainer(DataMixin, EvaluationMixin, CheckpointMixin, OptimizerMixin):
         if args.eval_on_start:
             # as transformers: metrics logged, on_evaluate fired, no best-model bookkeeping
             self.evaluate(ignore_keys=self._ignore_keys_for_eval)
+        self._throughput.start(self.state.global_step)
         for epoch in range(epochs_trained, num_train_epochs):
             self.control = self.callback_handler.on_epoch_begin(args, self.state, self.control)
             resuming_here = checkpoint is not None and epoch == epochs_trained
@@ -368,6 +375,7 @@ class Trainer(DataMixin, EvaluationMixin, CheckpointMixin, OptimizerMixin):
                 self.step_loss = loss if i == 0 else self.step_loss + loss
                 self._accumulate_loss(loss)
                 self.current_flos += float(self.floating_point_ops(inputs))  # from shapes: no sync
+                self._throughput.count(inputs)  # shapes (a device tensor sum for non-padding tokens): no sync
 
                 if i < len(batches) - 1:
                     self.control = self.callback_handler.on_substep_end(args, self.state, self.control)
@@ -415,7 +423,12 @@ class Trainer(DataMixin, EvaluationMixin, CheckpointMixin, OptimizerMixin):
     def get_batch_samples(self, epoch_iterator, num_batches: int, device: torch.device) -> tuple[list, object]:
         """The next `num_batches` micro-batches (fewer at the end of the data), and `num_items_in_batch`
         for the optimizer step they make."""
+        # This rank's wait for its data (loading, collating): host clock around the iterator only, no
+        # collective inside, so unlike step timestamps under DDP it tells a slow-data rank from the others.
+        began = time.perf_counter()
         batches = [b for _, b in zip(range(num_batches), epoch_iterator)]
+        self.step_data_time = time.perf_counter() - began
+        self._throughput.data_wait(self.step_data_time)
         return batches, self._get_num_items_in_batch(batches, device)
 
     def _get_num_items_in_batch(self, batches: list, device: torch.device) -> torch.Tensor | None:
@@ -543,25 +556,43 @@ class Trainer(DataMixin, EvaluationMixin, CheckpointMixin, OptimizerMixin):
             self._total_loss_scalar += tr_loss_scalar
             self._globalstep_last_logged = self.state.global_step
             self.store_flos()
+            # Rates over the interval since the last log (and the token count, summed over ranks).
+            self._extra_logs = self._throughput.interval_logs(self.state)
             self.log(logs, start_time)
 
         if self.control.should_evaluate:
+            began = time.perf_counter()
+            self._throughput.flush(self.state)  # the evaluation's log carries the token count so far
             metrics = self.evaluate(ignore_keys=getattr(self, "_ignore_keys_for_eval", None))
             is_new_best = self._determine_best_metric(metrics)
             if self.args.save_strategy == SaveStrategy.BEST:
                 self.control.should_save = is_new_best
             distributed.agree_on_control(self.control)  # on_evaluate callbacks (early stopping) may have voted
+            self._throughput.exclude(time.perf_counter() - began)  # not training time
 
         if self.control.should_save:
+            began = time.perf_counter()
+            self._throughput.flush(self.state)  # trainer_state.json holds the token count so far
             self._save_checkpoint()  # it stores the flos so far first, as transformers' does
             self.control = self.callback_handler.on_save(self.args, self.state, self.control)
+            self._throughput.exclude(time.perf_counter() - began)
 
     def _get_learning_rate(self) -> float:
         return self.lr_scheduler.get_last_lr()[0]
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """As transformers' log (epoch; with include_num_input_tokens_seen the token count in every log and the
+        session's token rate in training logs), then the loop's throughput keys for a training log."""
         if self.state.epoch is not None:
             logs["epoch"] = self.state.epoch
+        if self.args.include_num_input_tokens_seen != "no":
+            logs["num_input_tokens_seen"] = self.state.num_input_tokens_seen
+            if start_time is not None:
+                session_tokens = self.state.num_input_tokens_seen - getattr(self, "_initial_num_input_tokens_seen", 0)
+                logs.update(speed_metrics("train", start_time, num_tokens=session_tokens))
+        extra, self._extra_logs = getattr(self, "_extra_logs", None), {}
+        if extra:
+            logs.update(extra)
         self.state.log_history.append({**logs, "step": self.state.global_step})
         self.control = self.callback_handler.on_log(self.args, self.state, self.control, logs=logs)
 
@@ -574,6 +605,7 @@ class Trainer(DataMixin, EvaluationMixin, CheckpointMixin, OptimizerMixin):
                                 num_samples=num_train_samples * steps_done / max(self.state.max_steps, 1),
                                 num_steps=steps_done)
         self.store_flos()
+        self._throughput.flush(self.state)
         metrics["total_flos"] = self.state.total_flos
         metrics["train_loss"] = train_loss
         self.log(metrics)

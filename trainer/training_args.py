@@ -118,6 +118,10 @@ class TrainingArguments:
     logging_steps: float = 500
     logging_first_step: bool = False
     logging_nan_inf_filter: bool = True
+    # transformers' token count: "all" (input_ids.numel()), "non_padding" (attention_mask.sum()), "no"; True /
+    # False mean "all" / "no". When set, every log carries num_input_tokens_seen and the training logs
+    # train_runtime and train_tokens_per_second, as transformers' logs do.
+    include_num_input_tokens_seen: str | bool = "no"
     eval_strategy: IntervalStrategy | str = "no"
     eval_steps: float | None = None
     eval_delay: float = 0
@@ -169,6 +173,17 @@ class TrainingArguments:
     log_level_replica: str = "warning"
     log_on_each_node: bool = True
 
+    # Throughput keys this trainer adds to every training log (not transformers' fields; see
+    # trainer/_throughput.py): samples_per_second, steps_per_second and step_time over the interval since
+    # the last log; tokens_per_second and num_input_tokens_seen when batches have input_ids; peak_memory_mb on
+    # CUDA; mfu where the model's FLOPs per token and the device's peak are known (mfu_peak_tflops: the
+    # peak, dense TFLOP/s per device, for a device not in the table, the CPU included).
+    log_throughput: bool = True
+    log_tokens: bool = True
+    log_peak_memory: bool = True
+    log_mfu: bool = True
+    mfu_peak_tflops: float | None = None
+
     # The Hub: read by callbacks (hub_private_repo by trackio); this trainer never pushes (needs the network).
     push_to_hub: bool = False
     hub_token: str | None = None
@@ -198,6 +213,8 @@ class TrainingArguments:
         self.hub_strategy = _enum_field("hub_strategy", HubStrategy, self.hub_strategy)
         if self.eval_strategy != IntervalStrategy.NO:
             self.do_eval = True
+        if isinstance(self.include_num_input_tokens_seen, bool):  # as transformers
+            self.include_num_input_tokens_seen = "all" if self.include_num_input_tokens_seen else "no"
 
         if self.eval_strategy == IntervalStrategy.STEPS and not self.eval_steps:
             # As in transformers: eval_steps falls back to logging_steps.
@@ -244,6 +261,14 @@ class TrainingArguments:
             need(value < 1 or value == int(value), steps,
                  "must be an integer when >= 1 (a float below 1 is a ratio of max_steps)")
         need(self.eval_delay >= 0, "eval_delay", "must be >= 0")
+        need(self.include_num_input_tokens_seen in ("all", "non_padding", "no"), "include_num_input_tokens_seen",
+             "must be 'all', 'non_padding', 'no', True or False")
+        need(self.mfu_peak_tflops is None or (isinstance(self.mfu_peak_tflops, (int, float)) and
+                                              not isinstance(self.mfu_peak_tflops, bool) and
+                                              math.isfinite(self.mfu_peak_tflops) and self.mfu_peak_tflops > 0),
+             "mfu_peak_tflops", "must be None (the device's peak from the table) or a number of TFLOP/s > 0")
+        for name in ("log_throughput", "log_tokens", "log_peak_memory", "log_mfu"):
+            need(isinstance(getattr(self, name), bool), name, "must be true or false")
         need(self.save_total_limit is None or self.save_total_limit >= 1, "save_total_limit",
              "must be None (keep all) or >= 1")
         need(self.dataloader_num_workers >= 0, "dataloader_num_workers", "must be >= 0")

@@ -12,16 +12,19 @@ from __future__ import annotations
 
 import difflib
 import math
+from collections.abc import Mapping
 
 import pytest
 import torch
 
 import trainer as fg
+from trainer._throughput import FG_ONLY_LOG_KEYS
 
 transformers = pytest.importorskip("transformers")
 
-# Keys of a log that carry wall-clock time, never equal between two runs.
-TIMING_SUFFIXES = ("_runtime", "_per_second", "_model_preparation_time")
+# Keys of a log that carry wall-clock time, never equal between two runs (step_time and mfu: this trainer's
+# throughput keys, see trainer/_throughput.py).
+TIMING_SUFFIXES = ("_runtime", "_per_second", "_model_preparation_time", "step_time", "data_time", "mfu")
 
 
 def make_pair(tmp_path, model_factory, train_dataset=None, eval_dataset=None, args: dict | None = None, *,
@@ -57,6 +60,16 @@ def without_timings(logs: dict) -> dict:
     return {k: v for k, v in logs.items() if not k.endswith(TIMING_SUFFIXES)}
 
 
+def without_fg_only(ours, hf):
+    """`ours` (a log dict, or its keys) less the throughput keys only this trainer logs (FG_ONLY_LOG_KEYS)
+    that transformers' log `hf` lacks: every key transformers logs is still compared (num_input_tokens_seen
+    too, when include_num_input_tokens_seen makes it transformers' key)."""
+    drop = FG_ONLY_LOG_KEYS - set(hf)
+    if isinstance(ours, Mapping):
+        return {k: v for k, v in ours.items() if k not in drop}
+    return type(ours)(k for k in ours if k not in drop)
+
+
 def _close(a, b, rel: float, abs_: float) -> bool:
     if isinstance(a, float) or isinstance(b, float):
         if isinstance(a, (int, float)) and isinstance(b, (int, float)):
@@ -69,7 +82,7 @@ def _close(a, b, rel: float, abs_: float) -> bool:
 
 def diff_dicts(ours: dict, hf: dict, rel: float = 1e-5, abs_: float = 1e-6) -> list[str]:
     """Human-readable differences between two flat dicts (timing keys ignored): missing, extra, unequal."""
-    ours, hf = without_timings(ours), without_timings(hf)
+    ours, hf = without_timings(without_fg_only(ours, hf)), without_timings(hf)
     out = [f"only in transformers: {k}={hf[k]!r}" for k in sorted(hf.keys() - ours.keys())]
     out += [f"only in ours: {k}={ours[k]!r}" for k in sorted(ours.keys() - hf.keys())]
     out += [f"{k}: ours {ours[k]!r} != transformers {hf[k]!r}" for k in sorted(ours.keys() & hf.keys())

@@ -9,7 +9,9 @@ from conftest import EventRecorder, RegressionDataset
 from trainer import EVENTS, Trainer, TrainingArguments
 
 EVAL_KEYS = ("epoch", "eval_loss", "eval_runtime", "eval_samples_per_second", "eval_steps_per_second")
-TRAIN_LOG_KEYS = ("epoch", "grad_norm", "learning_rate", "loss")
+# transformers' keys, and this trainer's throughput keys (a batch without input_ids: no token keys)
+TRAIN_LOG_KEYS = ("data_time", "epoch", "grad_norm", "learning_rate", "loss", "samples_per_second", "step_time",
+                  "steps_per_second")
 SUMMARY_KEYS = ("epoch", "total_flos", "train_loss", "train_runtime", "train_samples_per_second",
                 "train_steps_per_second")
 
