@@ -20,7 +20,7 @@ from ._output import SafeFormatter, printable, umask_for
 from .base import NullSink, Sink
 from .json_sink import DEFAULT_OUT, JsonSink
 from .runner import run_sink
-from .tail_sink import TailSink
+from .tail_sink import SYSTEM_EVERY, TailSink
 from .tb_sink import DEFAULT_LOGDIR, TensorBoardSink
 
 EPILOG = """\
@@ -153,8 +153,15 @@ def parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-new-tokens", type=int, default=60)
     tail_opts = p.add_argument_group("tail")
     tail_opts.add_argument("--events", help="comma-separated events to show (default: logs, saves, samples, "
-                                            "control, end; with --json: every record)")
+                                            "control, warnings, system, end; with --json: every record)")
     tail_opts.add_argument("--json", action="store_true", help="print the records as JSON lines")
+    tail_opts.add_argument("--system-every", type=_seconds, default=SYSTEM_EVERY, metavar="S",
+                           help=f"at most one system line per rank every S seconds of the run "
+                                f"(default {SYSTEM_EVERY:g}; 0: every system record)")
+    tail_opts.add_argument("--progress", action="store_true",
+                           help="on a terminal, keep one status line at the bottom: step/max, %%, step rate, ETA, "
+                                "loss (fg-train --sinks tail turns it on when its output is a terminal; never "
+                                "when piped)")
     custom = p.add_argument_group("your own sink")
     custom.add_argument("--option", type=_option, action="append", default=[], metavar="KEY=VALUE",
                         help="keyword argument for a module:ClassName sink (repeatable)")
@@ -176,7 +183,8 @@ def _build(opts) -> Sink:
     if opts.kind == "tb":
         return TensorBoardSink(logdir=opts.logdir, group_readable=opts.group_readable)
     if opts.kind == "tail":
-        return TailSink(events=opts.events.split(",") if opts.events else None, as_json=opts.json)
+        return TailSink(events=opts.events.split(",") if opts.events else None, as_json=opts.json,
+                        system_every=opts.system_every, progress=opts.progress)
     if opts.kind == "null":
         return NullSink()
     if opts.kind == "textgen":

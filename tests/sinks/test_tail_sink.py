@@ -62,7 +62,7 @@ def test_the_default_view():
     assert "12,345 parameters" in begin and "8 steps" in begin
 
     assert "step 2" in log and "epoch 0.5" in log
-    assert "loss 1.9" in log and "lr 0.001" in log and "grad_norm 1.35" in log
+    assert "loss 1.9" in log and "lr 1.00e-03" in log and "grad_norm 1.35" in log
 
     assert "step 4" in evaluation and "eval" in evaluation
     assert "eval_loss 1.25" in evaluation and "eval_accuracy 0.75" in evaluation
@@ -179,3 +179,213 @@ def test_a_skipped_sample_says_why():
          "epoch": 0.5, "prompt": "The ", "text": None, "skipped": "the snapshot was rotated away before generation"})
     assert stream.getvalue() == ("[step 50 | epoch 0.5] sample skipped 'The ': "
                                  "the snapshot was rotated away before generation\n")
+
+
+# -- issue 13: progress, every metric, system lines, stalls, stragglers, the status line --------------------
+
+import os  # noqa: E402
+import pty  # noqa: E402
+import select  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from datetime import datetime, timedelta, timezone  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from sinks.cli import build_sink, parser  # noqa: E402
+
+T0 = datetime(2026, 12, 1, 18, 0, 0, tzinfo=timezone.utc)
+
+
+class Tty(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def timed(seq: int, event: str, step: int, seconds: float, metrics: dict | None = None, rank: int = 0, **extra):
+    r = rec(seq, event, step, metrics, **extra)
+    r.update(rank=rank, timestamp=(T0 + timedelta(seconds=seconds)).isoformat())
+    if event in ("warning", "heartbeat", "end"):  # bus records: a step, no epoch
+        del r["epoch"], r["metrics"]
+    return r
+
+
+def steps_of(first: int, last: int, step_time: float = 0.1, rank: int = 0, seq: int = 100, t: float = 0.0):
+    out = []
+    for step in range(first, last + 1):
+        out.append(timed(seq, "on_step_begin", step - 1, t, rank=rank))
+        t += step_time
+        out.append(timed(seq + 1, "on_step_end", step, t, {"loss": 2.0}, rank=rank))
+        seq += 2
+    return out
+
+
+def begin(max_steps: int = 100, world_size: int = 1, rank: int = 0) -> dict:
+    meta = {"name": "m", "model": {"factory": "f"}, "num_parameters": 10, "max_steps": max_steps,
+            "world_size": world_size, "args": {"max_steps": max_steps}}
+    return timed(0, "on_train_begin", 0, 0.0, rank=rank, meta=meta)
+
+
+LOG = {"loss": 1.234567, "grad_norm": 0.5, "learning_rate": 3e-4, "epoch": 0.25, "zeta_custom": 7.0,
+       "alpha_custom": 0.125, "tokens_per_second": 12345.0, "samples_per_second": 80.0, "step_time": 0.05,
+       "num_input_tokens_seen": 64000, "peak_memory_mb": 812.0, "mfu": 0.31}
+
+
+def test_a_log_line_has_progress_every_metric_in_order_the_rate_and_the_eta():
+    recs = [begin(100)] + steps_of(1, 25) + [timed(999, "on_log", 25, 2.5, LOG)]
+    line = run_tail(recs)[-1]
+    assert line.startswith("[step 25 | epoch 6.25] ")
+    order = ["loss 1.235", "grad_norm 0.5", "lr 3.00e-04", "12.3k tok/s", "80 samples/s", "step 50ms",
+             "tokens 64k", "peak 812 MB", "mfu 31.0%", "alpha_custom 0.125", "zeta_custom 7"]
+    positions = [line.index(part) for part in order]
+    assert positions == sorted(positions), line
+    assert "epoch 0.25" not in line  # the log's epoch key is the prefix's epoch
+    assert line.endswith("| 25/100 25%, 10 steps/s, ETA 8s")  # 75 steps left at 10 steps/s (on_step_end 0.1 s apart)
+
+
+def test_a_logged_step_rate_is_the_one_rate_shown():
+    recs = [begin(100)] + steps_of(1, 5) + [timed(999, "on_log", 5, 0.5, {"loss": 1.0, "steps_per_second": 9.5})]
+    line = run_tail(recs)[-1]
+    assert "9.5 steps/s" in line and line.count("steps/s") == 1 and line.endswith("| 5/100 5%, ETA 10s")
+
+
+def test_an_eval_line_shows_every_eval_metric():
+    line = run_tail([begin(), timed(1, "on_log", 50, 1.0, {"eval_loss": 1.5, "eval_zcustom": 3.0, "eval_acc": 0.9,
+                                                           "eval_runtime": 0.25, "eval_samples_per_second": 400.0,
+                                                           "eval_steps_per_second": 50.0, "epoch": 1.0})])[-1]
+    assert "eval  eval_loss 1.5  eval_acc 0.9  eval_zcustom 3  (250ms, 400 samples/s)" in line
+
+
+SYSTEM = {"cpu_percent": 97.6, "host_cpu_percent": 50.0, "rss_mb": 2048.0, "host_memory_used_mb": 8192.0,
+          "host_memory_total_mb": 16384.0, "host_memory_percent": 50.0, "disk_free_gb": 120.4,
+          "gpu0_utilization": 99.0, "gpu0_memory_used_mb": 40960.0, "gpu0_memory_total_mb": 81920.0,
+          "gpu0_power_w": 312.4, "gpu0_temperature_c": 71.0, "gpu0_sm_clock_mhz": 1980.0, "gpu0_throttle": 4.0}
+
+
+def system_records(times, rank=0):
+    return [timed(50 + i, "system", 10, t, SYSTEM, rank=rank,
+                  gpus=[{"index": 0, "name": "H200", "throttle_reasons": ["sw_power_cap"]}]) for i, t in enumerate(times)]
+
+
+def test_system_lines_are_compact_and_at_most_one_per_rank_per_30_s():
+    lines = run_tail([begin()] + system_records([1, 11, 21, 31, 45, 62]), ranks="all")[1:]
+    assert len(lines) == 3, lines  # at 1, 31 and 62 s
+    assert lines[0] == ("[rank 0 | step 10 | epoch 2.5] system  cpu 98%  rss 2048 MB  host mem 8.0/16.0 GB  "
+                        "disk 120 GB free  gpu0 99% 40.0/80 GB 312W 71C throttled: sw_power_cap")
+    both = run_tail([begin()] + system_records([1, 11]) + system_records([2, 12], rank=1), ranks="all")[1:]
+    assert [line.split(" |")[0] for line in both] == ["[rank 0", "[rank 1"]
+    assert len(run_tail([begin()] + system_records([1, 2, 3]), system_every=0)) == 4
+
+
+def test_stalled_and_stall_cleared_lines_are_marked():
+    recs = [begin(), timed(1, "warning", 30, 130.0, kind="stalled", stalled_for=125.0, message="no step since 30"),
+            timed(2, "heartbeat", 30, 131.0, stalled_for=126.0),
+            timed(3, "warning", 31, 140.0, kind="stall-cleared", stalled_for=135.0, message="steps resumed")]
+    lines = run_tail(recs)
+    assert lines[1] == "[step 30] STALLED  no step since 30"
+    assert lines[2] == "[step 31] stall cleared  steps resumed" and len(lines) == 3
+    red = run_tail(recs, colour=True)
+    assert "\x1b[31mSTALLED\x1b[0m" in red[1]
+    bare = run_tail([timed(1, "warning", 30, 130.0, kind="stalled", stalled_for=125.0),
+                     timed(2, "warning", 31, 140.0, kind="stall-cleared", stalled_for=135.0)])
+    assert bare == ["[step 30] STALLED  no progress for 2m05s", "[step 31] stall cleared  after 2m15s"]
+
+
+def test_a_straggler_is_named_once():
+    recs = [begin(world_size=2), begin(world_size=2, rank=1)]
+    for step in range(1, 41):
+        recs += steps_of(step, step, 0.1, rank=0, seq=10 * step, t=step)
+        recs += steps_of(step, step, 0.3, rank=1, seq=10 * step, t=step)
+    lines = [line for line in run_tail(recs, ranks="all") if "STRAGGLER" in line]
+    assert lines == ["[rank 1 | step 20 | epoch 5] STRAGGLER  rank 1 is a straggler: median step 300ms against "
+                     "100ms on the other ranks"]
+
+
+def test_record_text_in_metric_names_is_escaped():
+    lines = run_tail([rec(0, "on_log", 1, {"evil\x1b]0;x\x07": 1.0, "loss": 1.0})], colour=True)
+    assert "\x1b]" not in lines[0] and "\\x1b]0;x\\x07" in lines[0]
+
+
+def test_the_status_line_on_a_terminal():
+    stream = Tty()
+    sink = TailSink(stream=stream, colour=False, progress=True)
+    for r in [begin(100)] + steps_of(1, 25):
+        sink.handle(r)
+    sink._status_drawn = 0.0  # the redraw is rate-limited by the wall clock; the test does not wait
+    sink.handle(steps_of(26, 26, t=2.5)[1])
+    drawn = stream.getvalue()
+    assert "\rstep 26/100 26% | 10 steps/s | ETA 7s | \r" not in drawn  # no loss yet: no trailing separator
+    assert "\rstep 26/100 26% | 10 steps/s | ETA 7s" in drawn
+    sink.handle(timed(999, "on_log", 26, 2.6, {"loss": 1.5}))
+    tail = stream.getvalue()[len(drawn):]
+    width = len("step 26/100 26% | 10 steps/s | ETA 7s")
+    # cleared (spaces over it), the line, then the status line drawn again below it, with the loss
+    assert tail.startswith("\r" + " " * width + "\r[step 26 | epoch 6.5] loss 1.5  | 26/100 26%, 10 steps/s, ETA 7s\n")
+    assert tail.endswith("\rstep 26/100 26% | 10 steps/s | ETA 7s | loss 1.5\r")
+    sink.handle(timed(1000, "end", 26, 3.0, status="completed"))
+    assert stream.getvalue().endswith("end: completed\n")  # cleared for good at the end, not drawn again
+    sink.close()
+    assert stream.getvalue().endswith("end: completed\n")
+
+
+def test_no_status_line_when_piped_or_in_json():
+    recs = [begin(100)] + steps_of(1, 25) + [timed(999, "on_log", 25, 2.5, {"loss": 1.0})]
+    assert "\r" not in "".join(run_tail(recs, progress=True))
+    stream = Tty()
+    sink = TailSink(stream=stream, as_json=True, progress=True)
+    for r in recs:
+        sink.handle(r)
+    assert "\r" not in stream.getvalue()
+
+
+def test_the_tail_options():
+    opts = parser().parse_args(["tail", "--progress", "--system-every", "5"])
+    sink = build_sink(opts)
+    assert sink.system_every == 5.0 and sink.progress is False  # asked for, but stdout here is not a terminal
+    assert build_sink(parser().parse_args(["tail"])).system_every == 30.0
+    assert "system" in build_sink(parser().parse_args(["tail"])).events
+
+
+def test_fg_train_sinks_tail_in_a_terminal_keeps_a_status_line(tmp_path):
+    """The real path: fg-train's stdout is a terminal (a pty), so its tail sink gets --progress."""
+    master, slave = pty.openpty()
+    env = {**os.environ, "FG_HOME": str(tmp_path / "home"), "OMP_NUM_THREADS": "1", "COLUMNS": "100"}
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "fg-train"), str(Path(__file__).parents[1] / "e2e" /
+                             "tiny.yaml"), "--device", "cpu", "--output-dir", str(tmp_path / "out"),
+                             "--max-steps", "60", "--system-interval", "0", "--sinks", "tail"],
+                            stdin=subprocess.DEVNULL, stdout=slave, stderr=subprocess.PIPE, env=env)
+    os.close(slave)
+    out = bytearray()
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 1.0)
+            if ready:
+                try:
+                    chunk = os.read(master, 65536)
+                except OSError:  # EIO: every writer of the pty has closed it
+                    break
+                if not chunk:
+                    break
+                out += chunk
+            elif proc.poll() is not None:
+                break
+        assert proc.wait(60) == 0, proc.stderr.read().decode(errors="replace")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        os.close(master)
+    text = out.decode(errors="replace")
+    assert "end: completed" in text, text[-2000:]
+    assert "\rstep " in text, text[-2000:]  # the status line was drawn
+    assert "/60 " in text.split("\rstep ", 1)[1].split("\r", 1)[0]
+
+
+def test_the_status_line_says_stalled_from_the_heartbeats():
+    sink = TailSink(stream=Tty(), colour=False, progress=True)
+    for r in [begin(100)] + steps_of(1, 20) + [timed(900, "heartbeat", 20, 130.0, stalled_for=128.0)]:
+        sink.handle(r)
+    assert sink.status_line() == "step 20/100 20% | 10 steps/s | ETA 8s | STALLED 2m08s"
+    sink.handle(timed(901, "heartbeat", 20, 131.0))
+    assert "STALLED" not in sink.status_line()
