@@ -12,6 +12,11 @@ measured in the same run, interleaved (A B A B ...), summarised by the median ov
                       callback, generation inline every 50 steps), over publishing off
   loop_ratio_raw      this Trainer with publishing off, over a plain PyTorch loop (same model, data,
                       optimizer, schedule, clipping)
+  step_ratio_monitoring   mean time per step with the monitoring on (a `system` record every 0.1 s, far more
+                      often than the default 10 s, stall detection, and the throughput keys on every log:
+                      log_throughput, log_tokens, log_peak_memory, log_mfu) over the same run with all of it
+                      off; the bus publishes on both sides. system_records: how many the on side published;
+                      system_sample_us_max: the longest one sample took (in the sampler's thread)
   tb_sink_records_per_s, summarywriter_records_per_s   bench/tb_throughput.py
   replay_records_per_s    a Subscriber replaying a live run's journal of N records (1M; 100k with --quick);
                       parse_floor_records_per_s: bare orjson.loads of the same lines, for scale
@@ -50,6 +55,10 @@ from trainer.data import CharCorpus, EpochSampler, default_data_collator  # noqa
 from trainer.sink_callbacks import JsonLogger, TBLogger, TextgenCallback  # noqa: E402
 
 GENERATE_EVERY = 50
+#: The monitoring side's system interval: aggressive, so that a cost the sampler has shows in the step time.
+SYSTEM_INTERVAL = 0.1
+#: The TrainingArguments switches of the throughput keys on training logs.
+THROUGHPUT_SWITCHES = ("log_throughput", "log_tokens", "log_peak_memory", "log_mfu")
 
 
 class StepClock(TrainerCallback):
@@ -125,12 +134,12 @@ class InlineTextgen(TrainerCallback):
             model.train()
 
 
-def _trainer(corpus, out: Path, steps: int, device: str, callbacks=(), event_bus=None) -> Trainer:
+def _trainer(corpus, out: Path, steps: int, device: str, callbacks=(), event_bus=None, **extra_args) -> Trainer:
     torch.manual_seed(0)
     model = char_gpt_for(corpus.tokenizer, block_size=64)
     args = TrainingArguments(output_dir=str(out), max_steps=steps, per_device_train_batch_size=32,
                              learning_rate=3e-3, logging_steps=1, save_strategy="no", disable_tqdm=True,
-                             use_cpu=device == "cpu", report_to="none")
+                             use_cpu=device == "cpu", report_to="none", **extra_args)
     trainer = Trainer(model, args, train_dataset=corpus.train_dataset, processing_class=corpus.tokenizer,
                       callbacks=list(callbacks), event_bus=event_bus)
     trainer.remove_callback(InfoCallback)  # no printing inside the measurement
@@ -190,6 +199,37 @@ def _interleaved(sides: dict, rounds: int) -> dict[str, list[float]]:
         for name in names[r % len(names):] + names[:r % len(names)]:
             times[name].append(sides[name](r))
     return times
+
+
+def monitoring_ratio(corpus, steps: int, rounds: int, device: str) -> dict:
+    """The monitoring on (system records every SYSTEM_INTERVAL s, stall detection, the throughput keys on
+    every log) against off, the bus publishing on both sides, interleaved."""
+    work = Path(tempfile.mkdtemp(prefix="fg-bench-monitor-"))
+    switches = [name for name in THROUGHPUT_SWITCHES if name in TrainingArguments.__dataclass_fields__]
+    on_side = {"system_records": [], "sample_s": []}
+
+    def side(on: bool):
+        def run(r: int) -> float:
+            clock = StepClock()
+            bus = BusCallback(run_name=f"bench-monitor-{'on' if on else 'off'}-{r}",
+                              system_interval=SYSTEM_INTERVAL if on else 0, stall_after=120 if on else 0)
+            trainer = _trainer(corpus, work / f"{'on' if on else 'off'}{r}", steps, device, [clock],
+                               event_bus=bus, **{name: on for name in switches})
+            trainer.train()
+            bus.close()
+            if on:
+                on_side["system_records"].append(bus.publisher.sampler.samples)
+                on_side["sample_s"].append(bus.publisher.sampler.max_sample_s)
+            return clock.per_step
+        return run
+
+    times = _interleaved({"off": side(False), "on": side(True)}, rounds)
+    return {"step_ms_monitor_off": statistics.median(times["off"]) * 1e3,
+            "step_ms_monitor_on": statistics.median(times["on"]) * 1e3,
+            "step_ratio_monitoring": statistics.median([a / b for a, b in zip(times["on"], times["off"])]),
+            "system_records": min(on_side["system_records"]),
+            "system_sample_us_max": max(on_side["sample_s"]) * 1e6,
+            "throughput_switches": switches}
 
 
 def loop_ratio(corpus, steps: int, rounds: int, device: str) -> dict:
@@ -311,6 +351,11 @@ def bus_rss(steps: int) -> dict:
     return {"rss_mb_bus_off": min(off), "rss_mb_bus_on": min(on), "bus_rss_mb": min(on) - min(off)}
 
 
+def _missing_switches(figures: dict) -> str:
+    missing = [name for name in THROUGHPUT_SWITCHES if name not in figures["throughput_switches"]]
+    return f"; not in TrainingArguments: {', '.join(missing)}" if missing else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smaller sizes: about two minutes on 2 CPU cores")
@@ -330,6 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     corpus = CharCorpus(block_size=64)
     figures.update(step_ratios(corpus, sizes["steps"], sizes["rounds"], opts.device))
     figures.update(loop_ratio(corpus, sizes["steps"], sizes["rounds"], opts.device))
+    figures.update(monitoring_ratio(corpus, sizes["steps"], sizes["rounds"], opts.device))
     records = tb_throughput.make_records(sizes["tb_records"])
     sink_s, writer_s = [], []
     for _ in range(sizes["rounds"]):
@@ -348,6 +394,9 @@ def main(argv: list[str] | None = None) -> int:
         ("step ratio, 4 sinks attached", f"{figures['step_ratio_sinks']:.3f}x"),
         ("step ratio, same logging inline", f"{figures['step_ratio_inline']:.3f}x"),
         ("Trainer vs plain loop", f"{figures['loop_ratio_raw']:.3f}x"),
+        (f"step ratio, monitoring on (system every {SYSTEM_INTERVAL:g} s)",
+         f"{figures['step_ratio_monitoring']:.3f}x ({figures['system_records']} system records, a sample <= "
+         f"{figures['system_sample_us_max']:.0f} us{_missing_switches(figures)})"),
         ("tb sink / SummaryWriter records/s", f"{figures['tb_sink_records_per_s']:,.0f} / "
                                               f"{figures['summarywriter_records_per_s']:,.0f}"),
         (f"replay of {figures['replay_records']:,} records", f"{figures['replay_records_per_s']:,.0f} records/s"),

@@ -10,6 +10,11 @@ publish a heartbeat (carrying the next seq, so subscribers notice a missed tail)
 journal every 100 ms. On close: the `end` record, fsync, run.json status, sockets closed with a bounded
 linger.
 
+Beside the stream, two duties read nothing but what goes through it: `_stall` watches the trainer events as
+they are drained (run.json's `progress`, and a `warning` record when training stops making progress:
+`stall_after`), and `_system` samples the host and this rank's GPUs in a thread of its own every
+`system_interval` seconds, which the bus thread publishes as `system` records.
+
 The bus thread must not die of a peer or of the file system: every socket has a message size limit and
 high-water marks, replays are bounded per client and in all (`_replay`), the inbox hears only trusted peers
 and never takes trainer events from a sink (`_inbox`), a deleted journal is restored from its open handle,
@@ -35,6 +40,8 @@ from . import _encode, _inbox, _sockets, records, registry, security
 from ._inbox import CONTROL_COMMANDS  # noqa: F401 - part of this module's API (fg-bus ctl's choices)
 from ._replay import ReplayService
 from ._sockets import INBOX_MAX_BYTES  # noqa: F401 - likewise
+from ._stall import Progress, StallDetector
+from ._system import SystemSampler
 from .journal import JournalWriter
 
 logger = logging.getLogger(__name__)
@@ -57,7 +64,16 @@ class Publisher:
 
     def __init__(self, bus_dir: str | os.PathLike, run_id: str, *, rank: int = 0, world_size: int = 1,
                  name: str | None = None, tcp: str | None = None, heartbeat_interval: float = 1.0,
-                 flush_interval: float = 0.1, linger_ms: int = 1000, insecure: bool = False):
+                 flush_interval: float = 0.1, linger_ms: int = 1000, insecure: bool = False,
+                 system_interval: float = 0.0, gpus: list[int | str] | None = None,
+                 stall_after: float | None = 120.0):
+        """`system_interval`: seconds between `system` records (0: none); `gpus`: the GPUs this rank uses, as
+        NVML indices or UUIDs (see `_system.NvmlProbe`; empty for a CPU run). `stall_after`: seconds without a
+        trainer event, while training, before the run is `stalled` (at least 10 median step times; 0 or
+        None: never)."""
+        for option, value in (("system_interval", system_interval), ("stall_after", stall_after or 0.0)):
+            if not (isinstance(value, (int, float)) and 0 <= value < float("inf")):
+                raise ValueError(f"Publisher: {option} must be a number of seconds >= 0, got {value!r}")
         self.bus_dir = Path(bus_dir)
         self.run_id = run_id
         self.rank = rank
@@ -68,6 +84,11 @@ class Publisher:
         self.heartbeat_interval = heartbeat_interval
         self.flush_interval = flush_interval
         self.linger_ms = linger_ms
+        self.system_interval = float(system_interval)
+        self.gpus = list(gpus or [])
+        self.sampler: SystemSampler | None = None
+        self.progress = Progress()
+        self.stall = StallDetector(stall_after, check_every=heartbeat_interval)
         self._queue: collections.deque = collections.deque()
         self._control: collections.deque = collections.deque()
         self._lock = threading.Lock()
@@ -269,6 +290,7 @@ class Publisher:
                 "curve_server_key": server_keys.public.decode() if server_keys else None,
                 "sockets_dir": str(sockets_dir) if sockets_dir else None,
                 "rank": self.rank, "last_seq": -1, "last_step": 0, "heartbeat": time.time(),
+                "stalled_since": None, "progress": self.progress.summary(),
             }, self.rank)
             registry.write_json_atomic(self.bus_dir / registry.rank_file(self.rank), self.info.data)
             if self.rank == 0:
@@ -282,12 +304,15 @@ class Publisher:
             ctx.term()
             self._ready.set()
             return
+        self._start_sampler()
         self._ready.set()
         try:
             self._loop(journal, pub, router, pull)
         except BaseException as e:  # noqa: BLE001 - the thread is going: say why, to training and in run.json
             self._bus_died(e, journal.next_seq)
         finally:
+            if self.sampler is not None:
+                self.sampler.close()
             journal.close()
             self.info.data["last_seq"] = journal.next_seq - 1
             closed = self._closed
@@ -306,6 +331,16 @@ class Publisher:
                 except OSError:
                     pass
 
+    def _start_sampler(self) -> None:
+        if self.system_interval <= 0:
+            return
+        try:
+            self.sampler = SystemSampler(self.system_interval, self.bus_dir, self.gpus,
+                                         name=f"fg-bus-system-rank{self.rank}").start()
+        except Exception as e:  # noqa: BLE001 - no thread to be had: no system records, the stream goes on
+            self.sampler = None
+            self._bus_error(e, "starting the system sampler")
+
     def _bus_died(self, error: BaseException, next_seq: int) -> None:
         with self._lock:
             self._dead = True
@@ -318,8 +353,9 @@ class Publisher:
         """run.json's last word: the status, and `incomplete` when records were lost."""
         if self.info is None:
             return
-        self.info.data.update(status=status, ended=time.time(), last_step=self.last_step,
-                              journal_error=self.journal_error, incomplete=self.incomplete,
+        self.info.data.update(status=status, ended=time.time(), last_step=self.last_step, stalled_since=None,
+                              progress=self.progress.summary(), journal_error=self.journal_error,
+                              incomplete=self.incomplete,
                               bus_errors=self.bus_errors, rejected=dict(self.rejected))
         try:
             registry.write_json_atomic(self.bus_dir / registry.rank_file(self.rank), self.info.data)
@@ -346,6 +382,8 @@ class Publisher:
                     replays.take_requests(journal, lambda: self._catch_up(journal, pub))
                 if pull in events:
                     self._take_inbox(pull)
+                if self.sampler is not None and self.sampler.ready:  # {"metrics": ..., "gpus": ...}
+                    self._publish_from_bus("system", {"global_step": self.last_step, **self.sampler.take()})
                 replays.pump()
                 now = time.monotonic()
                 if now >= next_flush:
@@ -401,6 +439,8 @@ class Publisher:
             self._queue.popleft()
             self._journal_append(journal, data)
             batch.append((event, data))
+            if len(item) == 3 and event.startswith("on_"):
+                self._observe(event, item[2])
             if len(batch) >= _BATCH:
                 break
         if not batch:
@@ -412,6 +452,24 @@ class Publisher:
             except zmq.Again:
                 pass  # PUB drops for a subscriber over its HWM; it repairs the gap from the journal
         return len(batch)
+
+    def _observe(self, event: str, fields: tuple) -> None:
+        """A trainer event, encoded (its values are on the host): progress, and the end of a stall."""
+        try:
+            self.progress.observe(event, fields)
+            cleared = self.stall.progress(event, fields[2], time.monotonic())
+        except Exception as e:  # noqa: BLE001 - a summary must not cost the stream
+            self._bus_error(e, f"reading the progress of a {event} record")
+            return
+        if cleared is not None:
+            logger.warning("%s", cleared["message"])
+            self._publish_from_bus("warning", cleared)
+
+    def _check_stall(self, now: float) -> None:
+        stalled = self.stall.check(now, self.progress.median_step_s)
+        if stalled is not None:
+            logger.warning("%s", stalled["message"])
+            self._publish_from_bus("warning", stalled)
 
     def _encode_when_ready(self, ready: Callable[[], bool], seq: int, fields: tuple) -> bytes | None:
         """The encoded record, or None while its values are not ready. Never raises: a value whose copy or
@@ -471,14 +529,20 @@ class Publisher:
             self._journal_failed(journal, e)
 
     def _heartbeat(self, pub, journal: JournalWriter) -> None:
+        now = time.monotonic()
+        self._check_stall(now)
         beat = {"v": records.SCHEMA_VERSION, "run": self.run_id, "rank": self.rank, "seq": journal.next_seq,
                 "timestamp": records.now(), "event": records.HEARTBEAT, "global_step": self.last_step}
+        stalled_for = self.stall.stalled_for(now)
+        if stalled_for is not None:
+            beat["stalled_for"] = stalled_for
         try:
             pub.send_multipart(records.frames(records.HEARTBEAT, records.encode(beat)), flags=zmq.NOBLOCK)
         except zmq.Again:
             pass
         self._check_journal_path(journal)
         self.info.data.update(last_seq=journal.next_seq - 1, last_step=self.last_step, heartbeat=time.time(),
+                              stalled_since=self.stall.stalled_since(now), progress=self.progress.summary(),
                               journal_error=self.journal_error, incomplete=self.incomplete,
                               bus_errors=self.bus_errors, rejected=dict(self.rejected))
         path = self.bus_dir / registry.rank_file(self.rank)

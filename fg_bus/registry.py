@@ -35,6 +35,9 @@ RUNNING, COMPLETED, FAILED, INTERRUPTED, DEAD = "running", "completed", "failed"
 #: What `RunInfo.status` reports besides those: "live", "paused" (the trainer's pid exists on this host but
 #: its heartbeat stopped: SIGSTOP, a suspended job, a paused VM), "unknown" (its run.json is gone).
 LIVE, PAUSED, UNKNOWN = "live", "paused", "unknown"
+#: A live run whose trainer has made no progress for a while (its run.json has `stalled_since`): its
+#: heartbeat goes on, its steps do not (a hung collective, a stuck data loader).
+STALLED = "stalled"
 #: A running run whose run.json heartbeat is older than this (seconds) is reported dead, unless its pid is
 #: alive on this host (then it is paused).
 STALE_AFTER = 30.0
@@ -251,7 +254,7 @@ class RunInfo:
 
     @property
     def status(self) -> str:
-        """live / paused / ended / failed / dead / unknown, as `fg-bus ls` shows it."""
+        """live / stalled / paused / ended / failed / dead / unknown, as `fg-bus ls` shows it."""
         raw = self.data.get("status", RUNNING)
         if raw != RUNNING:
             return {COMPLETED: "ended", INTERRUPTED: "ended", FAILED: "failed"}.get(raw, raw)
@@ -261,8 +264,13 @@ class RunInfo:
             if not pid_alive(pid):
                 return DEAD
             # Alive but its heartbeat stopped: stopped (SIGSTOP, a suspended job) rather than dead.
-            return PAUSED if silent > PAUSED_AFTER else LIVE
-        return DEAD if silent > STALE_AFTER else LIVE  # elsewhere: killed, or hung, if it wrote nothing for long
+            return PAUSED if silent > PAUSED_AFTER else self._live_or_stalled()
+        if silent > STALE_AFTER:
+            return DEAD  # elsewhere: killed, or hung, if it wrote nothing for long
+        return self._live_or_stalled()
+
+    def _live_or_stalled(self) -> str:
+        return STALLED if self.data.get("stalled_since") is not None else LIVE
 
     @property
     def is_local(self) -> bool:
@@ -271,7 +279,7 @@ class RunInfo:
     @property
     def is_live(self) -> bool:
         """Running as far as we can tell (a paused run counts: it may go on any moment)."""
-        return self.status in (LIVE, PAUSED)
+        return self.status in (LIVE, STALLED, PAUSED)
 
     def journal_path(self, rank: int | None = None) -> Path:
         return self.bus_dir / f"journal.rank{self.rank if rank is None else rank}.jsonl"

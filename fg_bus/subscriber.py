@@ -246,7 +246,7 @@ class Subscriber:
         self._merge_journal_stats()
         if not self.finished:
             info = self._reload()
-            dead = info.status in (registry.LIVE, registry.PAUSED, registry.DEAD, registry.UNKNOWN)
+            dead = info.status in (registry.LIVE, registry.STALLED, registry.PAUSED, registry.DEAD, registry.UNKNOWN)
             self.status = registry.DEAD if dead else info.data.get("status")
             last_seq = info.data.get("last_seq")
             self._expected = self._expected or 0
@@ -430,7 +430,8 @@ class Subscriber:
             self._end_pause("the trainer is gone")
         info = self._reload()
         deadline = time.monotonic() + 5.0
-        while info.status == "live" and self._end_waiting_since is not None and time.monotonic() < deadline:
+        while (info.status in (registry.LIVE, registry.STALLED) and self._end_waiting_since is not None
+               and time.monotonic() < deadline):
             time.sleep(0.05)  # the trainer is closing: its final status follows the journal's last flush
             info = self._reload()
         logger.warning("run %s: %s (status: %s); reading the rest from its journal", info.run_id, why, info.status)

@@ -3,8 +3,10 @@
 Scalars use transformers' TensorBoard naming: `on_log` metrics become `train/loss`,
 `train/learning_rate`, `train/grad_norm`, ...; `eval_*` become `eval/*`, `test_*` become `test/*`. The
 per-step values of `on_step_end` become `train/step_loss` and `train/step_grad_norm`; gradient statistics
-(`grad_norm_*` from GradLogger) go under `grad/`. The run's `meta` is written as text (`run/meta`, with
-configuration, name, description, date) and generated samples as text (`textgen/sample_N`). NaN stays NaN.
+(`grad_norm_*` from GradLogger) go under `grad/`; the `system` records' metrics (CPU, memory, disk, GPU:
+`fg_bus._system`) under `system/`, at the step they were sampled at, with the sample's time as wall time.
+The run's `meta` is written as text (`run/meta`, with configuration, name, description, date) and
+generated samples as text (`textgen/sample_N`). NaN stays NaN.
 
 All scalars of one record go into one Event (one framing and two CRCs per record, rather than per
 scalar). A sidecar, `fg-position.json`, records the event file's size and the next seq after every flush:
@@ -230,6 +232,8 @@ class TensorBoardSink(Sink):
             values = self._scalars(record.get("metrics") or {}, lambda k: f"train/step_{k}")
         elif event == "grad_stats":
             values = self._scalars(record.get("metrics") or {}, lambda k: f"grad/{k}")
+        elif event == "system":
+            values = self._scalars(record.get("metrics") or {}, lambda k: f"system/{k}")
         elif event == "on_train_begin" and record.get("meta"):
             values = list(text_pb("run/meta", _meta_markdown(record)).value)
         elif event == "textgen" and record.get("text") is not None:

@@ -92,6 +92,36 @@ def _tcp_for_local_rank(tcp: str | None) -> str | None:
     return tcp if int(port) == 0 or local_rank == 0 else f"{host}:{int(port) + 3 * local_rank}"
 
 
+def _gpus_of(args) -> list[int | str]:
+    """The GPU(s) this rank trains on, as the system sampler finds them in NVML: by UUID, which neither
+    CUDA_VISIBLE_DEVICES nor CUDA's device order changes (NVML numbers every GPU of the host, in PCI order);
+    else torch's own mapping to an NVML index. Empty for a run off CUDA. Called once, at the bus's start."""
+    device = getattr(args, "device", None)
+    if getattr(device, "type", None) != "cuda" or not torch.cuda.is_available():
+        return []
+    distributed_run = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if getattr(args, "n_gpu", 1) > 1 and not distributed_run:
+        indices = list(range(torch.cuda.device_count()))  # transformers' DataParallel: all of them, one process
+    else:
+        indices = [device.index if device.index is not None else torch.cuda.current_device()]
+    gpus: list[int | str] = []
+    for index in indices:
+        try:
+            uuid = getattr(torch.cuda.get_device_properties(index), "uuid", None)  # torch >= 2.1
+        except (RuntimeError, AssertionError) as e:
+            logger.warning("system metrics: cannot tell which GPU cuda:%d is (%s); its GPU metrics are left out",
+                           index, e)
+            continue
+        if uuid is not None:
+            gpus.append(str(uuid))
+            continue
+        try:
+            gpus.append(torch.cuda._get_nvml_device_index(index))  # parses CUDA_VISIBLE_DEVICES
+        except (AttributeError, RuntimeError, ValueError):
+            gpus.append(index)
+    return gpus
+
+
 def _versions() -> dict[str, str]:
     versions = {"python": platform.python_version(), "torch": torch.__version__, "fg_bus": fg_bus.__version__}
     transformers = sys.modules.get("transformers")
@@ -141,7 +171,8 @@ class _PinnedRing:
 
 
 def attach_bus(trainer, bus: "BusCallback | None" = None, **options: Any) -> "BusCallback":
-    """Follow `trainer` (a `transformers.Trainer`, or this project's) with fg-bus: `bus = attach_bus(trainer)`.
+    """Follow `trainer` (a `transformers.Trainer`, or this project's) with fg-bus: `bus = attach_bus(trainer)`,
+    or with options, e.g. `attach_bus(trainer, system_interval=5, stall_after=300)` (see `BusCallback`).
 
     `bus` (default: a new `BusCallback(**options)`) goes first in `trainer.callback_handler.callbacks`, a plain
     list in both trainers, wherever it was before and whatever was added before it. Callbacks added later
@@ -211,13 +242,22 @@ class _StepTaps:
 class BusCallback(TrainerCallback):
     """Publishes every event; `run_name` names the run (default: args.run_name, else the output dir's name);
     `tcp="HOST:PORT"` binds tcp endpoints instead of private ipc sockets (beyond loopback it needs CURVE keys,
-    or `insecure=True`: see `Publisher`); `meta` adds to on_train_begin's meta.
+    or `insecure=True`: see `Publisher`); `meta` adds to on_train_begin's meta. `system_interval`: a `system`
+    record (CPU, memory, disk, this rank's GPU through NVML) every that many seconds, sampled off the training
+    thread (0: none). `stall_after`: while training, that many seconds without an event (and at least 10
+    median step times) make the run `stalled`: a `warning` record, and `fg-bus ls` says so (0: never).
 
     The stream ends with `close()`: our Trainer calls it after train(); otherwise (transformers.Trainer) call
     it yourself, or it is called at process exit, so `evaluate()` and `predict()` after `train()` are in it."""
 
     def __init__(self, run_name: str | None = None, tcp: str | None = None, meta: dict | None = None,
-                 rank: int | None = None, world_size: int | None = None, insecure: bool = False):
+                 rank: int | None = None, world_size: int | None = None, insecure: bool = False,
+                 system_interval: float = 10.0, stall_after: float = 120.0):
+        for name, value in (("system_interval", system_interval), ("stall_after", stall_after)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+                raise ValueError(f"BusCallback: {name} must be a number of seconds >= 0 (0: off), got {value!r}")
+        self.system_interval = float(system_interval)
+        self.stall_after = float(stall_after)
         self.run_name = run_name
         self.tcp = tcp
         self.insecure = insecure
@@ -245,7 +285,10 @@ class BusCallback(TrainerCallback):
             rank = self.rank if self.rank is not None else int(os.environ.get("RANK", 0))
             world = self.world_size if self.world_size is not None else int(os.environ.get("WORLD_SIZE", 1))
             self.publisher = Publisher(bus_dir, run_id, rank=rank, world_size=world, name=name,
-                                       tcp=_tcp_for_local_rank(self.tcp), insecure=self.insecure).start()
+                                       tcp=_tcp_for_local_rank(self.tcp), insecure=self.insecure,
+                                       system_interval=self.system_interval,
+                                       gpus=_gpus_of(args) if self.system_interval > 0 else None,
+                                       stall_after=self.stall_after).start()
             _ACTIVE.append(self)
             # Registered after the publisher's own exit hook, so it runs first (atexit is last in, first out):
             # the stream ends with the run's real status and the sink handles wait, for a bounded time.
@@ -352,13 +395,18 @@ class BusCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         publisher = self.publisher or self._ensure_started(args)
-        self.publish_tensors("on_step_end", state.global_step, state.epoch, self._step_values())
+        # this rank's wait for the step's batches (host seconds, our Trainer's get_batch_samples): the
+        # straggler figure under DDP, where step timestamps are the same on every rank (fg_bus/monitor.py)
+        data_time = getattr(self.trainer, "step_data_time", None) if self._taps is None else None
+        self.publish_tensors("on_step_end", state.global_step, state.epoch, self._step_values(),
+                             host=None if data_time is None else {"data_time": round(data_time, 6)})
         if publisher.has_control_requests:
             self._apply_control(args, state, control)
 
     def publish_tensors(self, event: str, global_step: int, epoch: float, values: dict[str, torch.Tensor],
-                        **fields) -> None:
-        """Publish scalar tensors as metrics without a device sync, from the training thread."""
+                        host: dict[str, float] | None = None, **fields) -> None:
+        """Publish scalar tensors as metrics without a device sync, from the training thread (`host`: plain
+        numbers added to the metrics as they are)."""
         on_gpu = False
         for tensor in values.values():
             on_gpu = on_gpu or tensor.is_cuda  # `.is_cuda`: a fifth of the cost of `.device.type`
@@ -369,13 +417,16 @@ class BusCallback(TrainerCallback):
             for i, (key, tensor) in enumerate(values.items()):
                 slot.buffer[i].copy_(tensor.detach().float(), non_blocking=True)
                 metrics[key] = slot.buffer[i]
+            if host:
+                metrics.update(host)
             slot.record()
             self.publisher.publish_when_ready(slot, event, global_step, epoch, metrics=metrics, **fields)
         else:
             # CPU tensors here are fresh objects, never written again, so the bus thread reads them (.item())
             # while encoding, and this thread pays for neither the reads nor the encoding. (On another
             # accelerator, mps or xpu, that read is the bus thread's sync, never this thread's.)
-            self.publisher.publish_when_ready(ready_now, event, global_step, epoch, metrics=values, **fields)
+            self.publisher.publish_when_ready(ready_now, event, global_step, epoch,
+                                              metrics={**values, **host} if host else values, **fields)
 
     def step_grad_norm(self) -> torch.Tensor | None:
         """This step's total gradient norm before clipping, still on the device (None when not known yet:

@@ -61,6 +61,16 @@ def _int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0 (0 turns it off), got {text}")
+    return value
+
+
 def _seed(text: str) -> int:
     value = _int(text)
     if not 0 <= value <= SEED_MAX:
@@ -119,6 +129,13 @@ def parser() -> argparse.ArgumentParser:
     bus.add_argument("--bus-tcp", metavar="HOST:PORT", type=_host_port,
                      help="publish on tcp (PORT, PORT+1, PORT+2; PORT 0 picks free ports) instead of private ipc "
                           "sockets; with `fg-bus keys` made, only authorized CURVE keys may connect")
+    bus.add_argument("--system-interval", type=_seconds, default=10.0, metavar="SECONDS",
+                     help="publish CPU, memory, disk and GPU (NVML) metrics every SECONDS, sampled off the "
+                          "training thread (default 10; 0: off)")
+    bus.add_argument("--stall-after", type=_seconds, default=120.0, metavar="SECONDS",
+                     help="while training, SECONDS without progress (no step, no eval batch; and at least 10 "
+                          "median step times) make the run `stalled`: a warning record, shown by fg-bus ls "
+                          "(default 120; 0: never)")
     bus.add_argument("--insecure", action="store_true",
                      help="allow tcp on a non-loopback address without CURVE keys; anyone who can reach the port "
                           "can read the run")
@@ -205,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     if opts.no_bus and opts.sinks:
         print("fg-train: error: --sinks needs the event bus; drop --no-bus", file=sys.stderr)
         return 2
-    bus = None if opts.no_bus else BusCallback(tcp=opts.bus_tcp, insecure=opts.insecure)
+    bus = None if opts.no_bus else BusCallback(tcp=opts.bus_tcp, insecure=opts.insecure,
+                                               system_interval=opts.system_interval, stall_after=opts.stall_after)
     try:
         trainer = build_trainer(config, overrides, event_bus=bus)
     except InsecureBus as e:  # tcp on a non-loopback address without keys, and no --insecure
@@ -221,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fg-train: run {bus.run_id} publishing; follow it with `fg-bus ls`, control it with "
               f"`fg-bus ctl {bus.run_id} stop`", file=sys.stderr, flush=True)
     for kind in opts.sinks:
-        trainer.add_callback({"tb": TBLogger, "json": JsonLogger, "tail": TailLogger,
+        trainer.add_callback({"tb": TBLogger, "json": JsonLogger,
+                              "tail": _TerminalTail if sys.stdout.isatty() else TailLogger,
                               "textgen": lambda: TextgenCallback(generation_steps=opts.textgen_every)}[kind]())
     if "tail" in opts.sinks:
         # The tail sink prints the run in this terminal; a progress bar beside it would garble both.
@@ -267,6 +286,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fg-train: error: the run's stream is incomplete: {incomplete}", file=sys.stderr)
         code = EXIT_INCOMPLETE
     return code
+
+
+class _TerminalTail(TailLogger):
+    """`--sinks tail` in a terminal: the tail keeps a one-line progress indication at the bottom (step/max,
+    rate, ETA), since the progress bar is off beside it."""
+
+    def sink_args(self, args) -> list[str]:
+        return ["--progress"]
 
 
 def _config_output_dir(raw_args) -> str:

@@ -11,7 +11,8 @@ import pytest
 
 BENCH = Path(__file__).resolve().parents[2] / "bench" / "run.py"
 KEYS = ("publish_us_median", "publish_us_p99", "floor_us_median", "step_ratio_sinks", "step_ratio_inline",
-        "loop_ratio_raw", "tb_sink_records_per_s", "summarywriter_records_per_s", "replay_records_per_s",
+        "step_ratio_monitoring", "loop_ratio_raw", "tb_sink_records_per_s", "summarywriter_records_per_s",
+        "replay_records_per_s",
         "journal_bytes_per_record", "bus_rss_mb")
 
 

@@ -308,3 +308,14 @@ def test_publish_waits_for_the_bus_thread_past_max_queued_and_loses_nothing(fg_h
     assert pub.stalls > 0 and peak <= 201  # bounded: publish() waited instead of queueing without limit
     got = list(read_journal(registry.resolve(pub.run_id).journal_path()))
     assert [r["seq"] for r in got] == list(range(20_001))
+
+
+def test_run_json_keeps_the_run_name_and_ls_shows_it(fg_home, tmp_path):
+    pub = Publisher(tmp_path / "bus" / "named", registry.new_run_id("named"), name="my-experiment",
+                    system_interval=0, stall_after=5).start()
+    try:
+        info = registry.resolve(pub.run_id)
+        assert info is not None and info.data["name"] == "my-experiment"
+    finally:
+        pub.close()
+    assert registry.load_run(tmp_path / "bus" / "named").data["name"] == "my-experiment"

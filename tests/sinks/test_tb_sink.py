@@ -360,3 +360,20 @@ def test_a_lost_event_file_is_not_zero_filled(tmp_path):
     ea = load(run_dir)
     assert points(ea, "train/step_loss")[0] == [1, 2, 3, 4]
     assert points(ea, "train/loss")[0] == [2, 4]
+
+
+def test_system_records_become_system_scalars_at_their_step_and_time(tmp_path):
+    gpus = [{"index": 0, "name": "NVIDIA H100", "throttle_reasons": ["sw_power_cap"]}]
+    recs = [rec(0, "on_train_begin", 0, meta=META),
+            rec(1, "system", 3, {"cpu_percent": 97.5, "rss_mb": 812.25, "gpu0_utilization": 88.0,
+                                 "gpu0_throttle": 4}, gpus=gpus),
+            rec(2, "system", 7, {"cpu_percent": 101.0, "rss_mb": 815.0, "gpu0_utilization": 91.0,
+                                 "gpu0_throttle": 0}, gpus=gpus)]
+    write_run(tmp_path, recs)
+    ea = load(tmp_path / "tb" / RUN_ID)
+    assert {t for t in ea.Tags()["scalars"]} == {"system/cpu_percent", "system/rss_mb", "system/gpu0_utilization",
+                                                 "system/gpu0_throttle"}
+    assert points(ea, "system/rss_mb") == ([3, 7], [812.25, 815.0])
+    assert points(ea, "system/gpu0_throttle") == ([3, 7], [4.0, 0.0])
+    assert [e.wall_time for e in ea.Scalars("system/cpu_percent")] == \
+        [datetime.fromisoformat(r["timestamp"]).timestamp() for r in recs[1:]]
