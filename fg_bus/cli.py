@@ -6,24 +6,24 @@ import argparse
 import datetime as dt
 import json
 import logging
-import secrets
+import math
+import os
 import sys
-import time
 
-import orjson
-import zmq
-
-from . import records, registry, security
+from . import control, records, registry, security
+from .monitor import format_duration, format_value
 from .publisher import CONTROL_COMMANDS
 from .subscriber import Subscriber
 
 EPILOG = """\
 examples:
-  fg-bus ls                         runs, newest last (status: live / paused? / ended / failed / dead)
+  fg-bus ls                         runs, newest last: status (live / stalled / paused? / ended / failed /
+                                    dead), step/max, %, step rate, ETA, last loss, best eval
   fg-bus ls --json                  the same as JSON
   fg-bus cat latest --from 0        every record of the newest live run, then follow it to its end
   fg-bus ctl RUN stop               stop at the next step boundary (with a final checkpoint)
   fg-bus ctl RUN save|evaluate|save-and-stop
+  fg-bus top                        live dashboard of every run (fg-bus top RUN: one run in detail)
   fg-bus keys                       make CURVE keys for tcp buses ($FG_HOME/keys)
 RUN is `latest`, a run id (or a unique prefix), or a run / output directory (one whose run.json is gone
 is read from its journal alone).
@@ -41,6 +41,35 @@ exit status:
 """
 EPILOG += "\nfg-bus cat " + CAT_EPILOG
 
+TOP_DESCRIPTION = """\
+A full-screen dashboard of this user's runs: status (live / stalled / paused / ended / failed / dead),
+progress and ETA, step rate, last loss, best eval, GPU use. Enter shows one run in detail: progress,
+charts of loss and eval loss, learning rate, grad norm and throughput, system metrics per rank, text
+samples, warnings and control records, every metric the logs carry. It follows runs as a sink does (their
+history from the journal, then live) and keeps going when a run ends or dies."""
+
+TOP_EPILOG = """\
+keys:
+  up/down, j/k   select a run            enter        show it in detail
+  esc, backspace back to the runs        q, Ctrl-C    quit
+  s  save a checkpoint   e  evaluate   x  stop (asks y/n)   -- as `fg-bus ctl RUN save|evaluate|stop`
+examples:
+  fg-bus top                   every run
+  fg-bus top latest            the newest live run in detail
+  fg-bus top RUN --once        one plain-text frame of RUN (for scripts; --width N to set its width)
+"""
+
+LS_DESCRIPTION = """\
+Every run registered for this user, oldest first:
+  STATUS     live, stalled (heartbeats go on, steps do not), paused? (its process is alive but silent),
+             ended, failed, dead
+  STEP DONE  the last step / the run's max steps, and the share done
+  STEP/S     the recent step rate        ETA     the time left at that rate (live runs only)
+  LOSS       the last logged loss        BEST EVAL  the best evaluation so far (metric_for_best_model,
+             default eval_loss), with its step
+These come from the run's run.json, refreshed every second while it runs; "-" where a run has none
+(runs from before this version)."""
+
 #: `fg-bus cat`: the output misses records (holes, lost, or malformed lines skipped).
 EXIT_INCOMPLETE = 6
 MAX_SEQ = (1 << 63) - 1
@@ -50,8 +79,10 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fg-bus", description=__doc__, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    ls = sub.add_parser("ls", help="list runs")
-    ls.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    ls = sub.add_parser("ls", help="list runs", description=LS_DESCRIPTION,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    ls.add_argument("--json", action="store_true", help="print JSON instead of a table (the same fields, with "
+                                                        "progress as 0..1 and eta_s in seconds)")
     cat = sub.add_parser("cat", help="print a run's records as JSON lines (history, then live, to its end)",
                          epilog=CAT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     cat.add_argument("run", nargs="?", default="latest")
@@ -68,6 +99,15 @@ def parser() -> argparse.ArgumentParser:
     ctl.add_argument("--timeout", type=float, default=10.0, metavar="S", help="wait this long for the trainer")
     ctl.add_argument("--rank", type=_rank, default=0, metavar="N",
                      help="send it to this rank of a torchrun job (default 0); every rank applies it at the same step")
+    top = sub.add_parser("top", help="live full-screen dashboard of the runs (or of one run in detail)",
+                         description=TOP_DESCRIPTION, epilog=TOP_EPILOG,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    top.add_argument("run", nargs="?", default=None,
+                     help="show this run in detail (`latest`, a run id or prefix, a directory); default: every run")
+    top.add_argument("--once", action="store_true",
+                     help="print one plain-text frame and exit (no colours unless stdout is a terminal)")
+    top.add_argument("--width", type=_width, default=None, metavar="N",
+                     help="with --once: columns (default: the terminal's, or 100 when piped)")
     keys = sub.add_parser("keys", help="make CURVE keypairs for tcp buses")
     keys.add_argument("--force", action="store_true", help="replace existing keys")
     return p
@@ -81,6 +121,12 @@ def _from_seq(text: str) -> int | None:
             raise argparse.ArgumentTypeError(f"a seq fits in 63 bits (at most {MAX_SEQ}), got {text[:40]}")
         return int(text)
     raise argparse.ArgumentTypeError(f"expected a seq (0, 1, ...) or 'now', got {text[:40]!r}")
+
+
+def _width(text: str) -> int:
+    if text.isascii() and text.isdigit() and 20 <= int(text) <= 1000:
+        return int(text)
+    raise argparse.ArgumentTypeError(f"expected a width in columns (20 .. 1000), got {text[:40]!r}")
 
 
 def _rank(text: str) -> int:
@@ -101,26 +147,72 @@ def _started(value) -> str:
         return "?"
 
 
+def _number(value) -> float | None:
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) else None
+
+
+def _progress(data: dict, status: str) -> dict:
+    """The `ls` fields from run.json's `progress` (written at each heartbeat; absent in runs from before it,
+    or of the wrong shape if edited: None then)."""
+    raw = data.get("progress") if isinstance(data.get("progress"), dict) else {}
+    step, max_steps = _number(raw.get("global_step")), _number(raw.get("max_steps"))
+    if step is None:
+        step = _number(data.get("last_step"))
+    best = raw.get("best_eval")
+    best = ({"name": str(best["name"]), "value": best["value"], "step": best.get("step")}
+            if isinstance(best, dict) and isinstance(best.get("name"), str) and _number(best.get("value")) is not None
+            else None)
+    live = status in (registry.LIVE, registry.STALLED, registry.PAUSED)
+    return {"max_steps": max_steps if max_steps and max_steps > 0 else None,
+            "progress": min(1.0, step / max_steps) if step is not None and max_steps and max_steps > 0 else None,
+            "steps_per_second": _number(raw.get("steps_per_second")),
+            "eta_s": _number(raw.get("eta_s")) if live else None,  # an ended run has none left
+            "last_loss": _number(raw.get("last_loss")), "best_eval": best,
+            "stalled_since": _number(data.get("stalled_since"))}
+
+
+def _cells(r: dict) -> tuple[str, ...]:
+    step = "-" if r["last_step"] is None else str(r["last_step"])
+    if r["max_steps"]:
+        step += f"/{r['max_steps']:g}"
+    best = r["best_eval"]
+    return (step, "-" if r["progress"] is None else f"{r['progress'] * 100:.0f}%",
+            "-" if r["steps_per_second"] is None else f"{r['steps_per_second']:.3g}", format_duration(r["eta_s"]),
+            format_value("loss", r["last_loss"]),
+            "-" if best is None else f"{best['name']}={format_value(best['name'], best['value'])}"
+                                     + (f"@{best['step']}" if best.get("step") is not None else ""))
+
+
 def cmd_ls(opts) -> int:
     rows = []
     for info in registry.list_runs():  # entries of the wrong shape are skipped, each with a warning
         d = info.data
-        rows.append({"run_id": info.run_id, "status": info.status, "pid": d.get("pid"),
+        status = info.status
+        rows.append({"run_id": info.run_id, "status": status, "pid": d.get("pid"),
                      "started": _started(d.get("started", 0)), "last_step": d.get("last_step"),
-                     "run_dir": str(info.bus_dir)})
+                     **_progress(d, status), "run_dir": str(info.bus_dir)})
     if opts.json:
-        print(json.dumps(rows, indent=1))
-        return 0
+        return _print_all(json.dumps(rows, indent=1) + "\n")
     if not rows:
-        print(f"no runs registered in {registry.registry_dir()}")
-        return 0
-    header = ("RUN", "STATUS", "PID", "STARTED", "STEP", "RUN DIR")
+        return _print_all(f"no runs registered in {registry.registry_dir()}\n")
+    header = ("RUN", "STATUS", "PID", "STARTED", "STEP", "DONE", "STEP/S", "ETA", "LOSS", "BEST EVAL", "RUN DIR")
     # "paused?": its pid is alive here but its heartbeat stopped (a guess: stopped, suspended, or hung)
-    table = [header] + [(r["run_id"], r["status"] + ("?" if r["status"] == registry.PAUSED else ""), str(r["pid"]),
-                         r["started"], str(r["last_step"]), r["run_dir"]) for r in rows]
+    table = [header] + [(r["run_id"], r["status"] + ("?" if r["status"] == registry.PAUSED else ""),
+                         str(r["pid"]), r["started"], *_cells(r), r["run_dir"]) for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(header) - 1)]
-    for row in table:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1])
+    return _print_all("".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1] + "\n"
+                              for row in table))
+
+
+def _print_all(text: str) -> int:
+    """Write `text` to stdout; piped into `head`, end quietly (exit 0) when the reader has gone."""
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # the interpreter's flush at exit then writes nowhere
+        os.close(devnull)
     return 0
 
 
@@ -183,57 +275,17 @@ def cmd_ctl(opts) -> int:
     info = registry.resolve(opts.run)
     if info is None:
         return _fail("no live run (`fg-bus ls` lists the runs)")
-    info = info.for_rank(opts.rank)
-    if not info.is_live:
-        return _fail(f"run {info.run_id} is {info.status}, not running")
-    endpoints = info.ranks[str(opts.rank)]
-    ctx = zmq.Context()
-    sub, push = ctx.socket(zmq.SUB), ctx.socket(zmq.PUSH)
-    server_key = info.data.get("curve_server_key")
-    try:
-        for sock in (sub, push):
-            sock.linger = 1000
-            if server_key:
-                security.make_client(sock, server_key.encode())
-        sub.setsockopt(zmq.SUBSCRIBE, records.HEARTBEAT.encode())
-        sub.setsockopt(zmq.SUBSCRIBE, records.CONTROL.encode())
-        sub.connect(endpoints["pub"])
-        deadline = time.monotonic() + opts.timeout
-        # A heartbeat first: then our subscription is in place and the acknowledgement cannot be missed.
-        if not _wait_for(sub, deadline, lambda r: r["event"] == records.HEARTBEAT):
-            return _fail(f"run {info.run_id} sent no heartbeat within {opts.timeout:g} s (is it stopped or dead?)")
-        request_id = secrets.token_hex(6)
-        push.connect(endpoints["inbox"])
-        push.send(orjson.dumps({"op": "control", "cmd": opts.cmd, "id": request_id, "source": "fg-bus ctl"}))
-        ack = _wait_for(sub, deadline, lambda r: r["event"] == records.CONTROL and r.get("id") == request_id)
-        if ack is None:
-            return _fail(f"no acknowledgement from run {info.run_id} within {opts.timeout:g} s")
-        if not ack.get("accepted", ack.get("applied")):
-            return _fail(f"run {info.run_id} refused {opts.cmd}: {ack.get('reason')}")
-        applied = _wait_for(sub, deadline, lambda r: r["event"] == records.CONTROL and r.get("id") == request_id
-                            and r.get("applied"))
-        if applied is None:
-            print(f"fg-bus: {opts.cmd} accepted by run {info.run_id}; it applies at the next step boundary")
-        else:
-            print(f"fg-bus: {opts.cmd} applied by run {info.run_id} at step {applied['global_step']}")
-        return 0
-    finally:
-        sub.close(linger=0)
-        push.close()
-        ctx.term()
+    result = control.send_control(info, opts.cmd, rank=opts.rank, timeout=opts.timeout, source="fg-bus ctl")
+    if not result.ok:
+        return _fail(result.message)
+    print(f"fg-bus: {result.message}")
+    return 0
 
 
-def _wait_for(sub, deadline: float, match) -> dict | None:
-    while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0 or not sub.poll(int(remaining * 1000)):
-            return None
-        try:
-            record = records.parse_frames(sub.recv_multipart())
-        except records.RecordError:
-            continue
-        if match(record):
-            return record
+def cmd_top(opts) -> int:
+    from . import top  # rich is imported only here: the other commands start without it
+
+    return top.cmd_top(opts)
 
 
 def cmd_keys(opts) -> int:
@@ -249,7 +301,7 @@ def cmd_keys(opts) -> int:
 def main(argv: list[str] | None = None) -> int:
     opts = parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    handlers = {"ls": cmd_ls, "cat": cmd_cat, "ctl": cmd_ctl, "keys": cmd_keys}
+    handlers = {"ls": cmd_ls, "cat": cmd_cat, "ctl": cmd_ctl, "top": cmd_top, "keys": cmd_keys}
     try:
         return handlers[opts.command](opts)
     except _Usage as e:

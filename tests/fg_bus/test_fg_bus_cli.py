@@ -114,7 +114,8 @@ def test_ls_json(fg_home, four_runs):
     rows = json.loads(proc.stdout)
     assert isinstance(rows, list) and len(rows) == 4
     for row in rows:
-        assert set(row) == {"run_id", "status", "pid", "started", "last_step", "run_dir"}
+        assert set(row) == {"run_id", "status", "pid", "started", "last_step", "run_dir", "max_steps", "progress",
+                            "steps_per_second", "eta_s", "last_loss", "best_eval", "stalled_since"}
     by_id = {row["run_id"]: row for row in rows}
     for key, status in [("live", "live"), ("dead", "dead"), ("ended", "ended"), ("failed", "failed")]:
         info = four_runs[key]
