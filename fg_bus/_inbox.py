@@ -17,7 +17,7 @@ from . import records, security
 if TYPE_CHECKING:
     from .publisher import Publisher
 
-CONTROL_COMMANDS = ("stop", "save", "evaluate", "save-and-stop")
+CONTROL_COMMANDS = ("stop", "save", "evaluate", "save-and-stop", "abort")
 #: Events only the trainer (or its bus) publishes, beside every `on_*` callback event.
 TRAINER_EVENTS = frozenset({records.END, records.HEARTBEAT, records.CONTROL, "warning", "snapshot", "system",
                             "alert"})

@@ -23,6 +23,9 @@ examples:
   fg-bus cat latest --from 0        every record of the newest live run, then follow it to its end
   fg-bus ctl RUN stop               stop at the next step boundary (with a final checkpoint)
   fg-bus ctl RUN save|evaluate|save-and-stop
+  fg-bus ctl RUN abort              stop at the next step boundary WITHOUT saving anything
+  fg-bus gc                         list what dead runs left behind (socket dirs, registry entries);
+                                    --yes removes it
   fg-bus top                        live dashboard of every run (fg-bus top RUN: one run in detail)
   fg-bus keys                       make CURVE keys for tcp buses ($FG_HOME/keys)
 RUN is `latest`, a run id (or a unique prefix), or a run / output directory (one whose run.json is gone
@@ -70,6 +73,15 @@ Every run registered for this user, oldest first:
 These come from the run's run.json, refreshed every second while it runs; "-" where a run has none
 (runs from before this version)."""
 
+GC_DESCRIPTION = """\
+List (and with --yes remove) what dead runs of this user left behind:
+  socket dirs       $XDG_RUNTIME_DIR/fg/<id>/ or /tmp/fg-<uid>/<id>/ of trainers that died without closing
+                    their bus (SIGKILL, OOM): no process listens on their sockets and no live or paused
+                    run names them
+  registry entries  $FG_HOME/runs/<run_id>.json whose run directory is gone (its output dir deleted)
+A live or paused run is never touched, nor any run's output (checkpoints, journals, run.json): a dead
+run whose directory is there stays in `fg-bus ls`. fg-train does this at its start."""
+
 #: `fg-bus cat`: the output misses records (holes, lost, or malformed lines skipped).
 EXIT_INCOMPLETE = 6
 MAX_SEQ = (1 << 63) - 1
@@ -95,7 +107,9 @@ def parser() -> argparse.ArgumentParser:
                                                                        "(default 0)")
     ctl = sub.add_parser("ctl", help="ask a running job to stop / save / evaluate at its next step boundary")
     ctl.add_argument("run")
-    ctl.add_argument("cmd", choices=CONTROL_COMMANDS)
+    ctl.add_argument("cmd", choices=CONTROL_COMMANDS,
+                     help="stop (with a final checkpoint), save, evaluate, save-and-stop, or abort (stop, saving "
+                          "nothing: no checkpoint, no final model)")
     ctl.add_argument("--timeout", type=float, default=10.0, metavar="S", help="wait this long for the trainer")
     ctl.add_argument("--rank", type=_rank, default=0, metavar="N",
                      help="send it to this rank of a torchrun job (default 0); every rank applies it at the same step")
@@ -108,6 +122,9 @@ def parser() -> argparse.ArgumentParser:
                      help="print one plain-text frame and exit (no colours unless stdout is a terminal)")
     top.add_argument("--width", type=_width, default=None, metavar="N",
                      help="with --once: columns (default: the terminal's, or 100 when piped)")
+    gc = sub.add_parser("gc", help="remove what dead runs left behind (a dry run unless --yes)",
+                        description=GC_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    gc.add_argument("--yes", action="store_true", help="remove them (default: only list what would go)")
     keys = sub.add_parser("keys", help="make CURVE keypairs for tcp buses")
     keys.add_argument("--force", action="store_true", help="replace existing keys")
     return p
@@ -288,6 +305,24 @@ def cmd_top(opts) -> int:
     return top.cmd_top(opts)
 
 
+def cmd_gc(opts) -> int:
+    from . import gc
+
+    garbage = gc.find()
+    lines = garbage.describe()
+    if not lines:
+        return _print_all("fg-bus: nothing to remove: no leftovers of dead runs\n")
+    if not opts.yes:
+        return _print_all("".join(f"would remove {line}\n" for line in lines)
+                          + f"fg-bus: {len(lines)} to remove; run `fg-bus gc --yes` to remove them\n")
+    dirs, entries, errors = gc.remove(garbage)
+    _print_all("".join(f"removed {line}\n" for line in lines) if not errors else "")
+    for error in errors:
+        print(f"fg-bus: error: {error}", file=sys.stderr)
+    print(f"fg-bus: removed {gc.summary(dirs, entries)}", file=sys.stderr)
+    return 1 if errors else 0
+
+
 def cmd_keys(opts) -> int:
     try:
         directory = security.make_keys(force=opts.force)
@@ -301,7 +336,8 @@ def cmd_keys(opts) -> int:
 def main(argv: list[str] | None = None) -> int:
     opts = parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    handlers = {"ls": cmd_ls, "cat": cmd_cat, "ctl": cmd_ctl, "top": cmd_top, "keys": cmd_keys}
+    handlers = {"ls": cmd_ls, "cat": cmd_cat, "ctl": cmd_ctl, "top": cmd_top, "keys": cmd_keys,
+                "gc": cmd_gc}
     try:
         return handlers[opts.command](opts)
     except _Usage as e:

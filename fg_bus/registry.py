@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+import re
 import secrets
 import socket
 import stat
@@ -120,9 +121,30 @@ def socket_dir(run_id: str) -> Path:
     return private_dir(base / secrets.token_hex(4))
 
 
+#: A timestamp (and a run id's 4-hex suffix) at the end of a name: `-20261201-085816`, `_20261201_085816-3f18`,
+#: `-2026-12-01_08-58-16`, `-2026-12-01T08:58:16`. A name taken from an output dir made by `fg-train`
+#: (`fg-runs/NAME-TIME`) or from an earlier run id ends so; the run id's own time replaces it.
+_TRAILING_TIME = re.compile(r"[-_.]*(?:\d{8}[-_T]?\d{6}|\d{4}-\d\d-\d\d[-_T]\d\d[-:]\d\d[-:]\d\d)"
+                            r"(?:[-_][0-9a-f]{4})?$")
+RUN_ID_NAME_MAX = 40
+
+
+def run_name_part(name: str) -> str:
+    """NAME of a run id: ASCII letters, digits, `-`, `_` and `.` (anything else becomes `-`, runs of `-`
+    one), no trailing timestamp or run-id suffix, no leading or trailing punctuation, at most 40 characters;
+    `run` if nothing is left."""
+    safe = re.sub(r"-{2,}", "-", "".join(c if c.isascii() and (c.isalnum() or c in "-_.") else "-" for c in name))
+    while True:
+        stripped = _TRAILING_TIME.sub("", safe)
+        if stripped == safe:
+            break
+        safe = stripped
+    return safe.strip("-_.")[:RUN_ID_NAME_MAX].rstrip("-_.") or "run"
+
+
 def new_run_id(name: str = "run") -> str:
-    safe = "".join(c if c.isalnum() or c in "-_." else "-" for c in name)[:40] or "run"
-    return f"{safe}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+    """`NAME-YYYYMMDD-HHMMSS-XXXX`: NAME as `run_name_part` makes it, the local time, 4 random hex digits."""
+    return f"{run_name_part(name)}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:

@@ -461,6 +461,9 @@ class BusCallback(TrainerCallback):
                 control.should_save = True
             if cmd == "evaluate":
                 control.should_evaluate = True
+            if cmd == "abort":  # stop at this step, saving nothing (our Trainer; a plain stop elsewhere)
+                control.should_training_stop = control.should_abort = True
+                control.should_save = control.should_evaluate = False
             self.publisher.publish("control", state.global_step, state.epoch, cmd=cmd, id=request["id"],
                                    source=request.get("source", ""), applied=True)
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from fg_bus import gc as bus_gc
 from fg_bus.security import InsecureBus
 
 from . import _checkpoint as ckpt
@@ -222,6 +223,10 @@ def main(argv: list[str] | None = None) -> int:
     if opts.no_bus and opts.sinks:
         print("fg-train: error: --sinks needs the event bus; drop --no-bus", file=sys.stderr)
         return 2
+    if not opts.no_bus and int(os.environ.get("LOCAL_RANK", 0)) == 0:  # one rank per host: sockets are per host
+        cleaned = bus_gc.collect_quietly()  # what dead runs left behind (`fg-bus gc`)
+        if cleaned:
+            print(f"fg-train: {cleaned}", file=sys.stderr, flush=True)
     bus = None if opts.no_bus else BusCallback(tcp=opts.bus_tcp, insecure=opts.insecure,
                                                system_interval=opts.system_interval, stall_after=opts.stall_after)
     try:
@@ -268,6 +273,15 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"fg-train: error: {e}", file=sys.stderr)
         return 2
+    if getattr(trainer.control, "should_abort", False):  # `fg-bus ctl RUN abort` or an abort action: no model saved
+        distributed.teardown()
+        if rank == 0:
+            last = ckpt.latest_checkpoint(trainer.args.output_dir)
+            print(f"fg-train: aborted at step {trainer.state.global_step} (`fg-bus ctl abort` or a callback's abort); "
+                  "nothing saved"
+                  + (f". Resume from the last checkpoint ({last.name}) with:\n  {_resume_command(argv, trainer)}"
+                     if last is not None else ", and no checkpoint was saved before"), file=sys.stderr)
+        return EXIT_SINK_FAILED if _report_sinks(trainer) else 0
     out_dir = trainer.save_model()
     distributed.teardown()
     if rank == 0:

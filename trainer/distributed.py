@@ -22,7 +22,8 @@ import torch.distributed as dist
 
 logger = logging.getLogger(__name__)
 
-_CONTROL_FLAGS = ("should_training_stop", "should_epoch_stop", "should_save", "should_evaluate", "should_log")
+_CONTROL_FLAGS = ("should_training_stop", "should_epoch_stop", "should_save", "should_evaluate", "should_log",
+                  "should_abort")
 _host_group = None  # gloo group for host-side agreement (the default group itself when it is gloo)
 
 
@@ -61,7 +62,7 @@ def agree_on_control(control) -> None:
     """Every rank ends up with the OR of all ranks' control flags (one small gloo all-reduce on the host)."""
     if not is_distributed():
         return
-    flags = torch.tensor([int(bool(getattr(control, name))) for name in _CONTROL_FLAGS], dtype=torch.int32)
+    flags = torch.tensor([int(bool(getattr(control, name, False))) for name in _CONTROL_FLAGS], dtype=torch.int32)
     dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=_host_group)
     for name, value in zip(_CONTROL_FLAGS, flags.tolist()):
         setattr(control, name, bool(value))

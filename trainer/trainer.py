@@ -243,6 +243,7 @@ class Trainer(DataMixin, EvaluationMixin, CheckpointMixin, OptimizerMixin):
         self._total_loss_scalar = 0.0
         self._globalstep_last_logged = self.state.global_step
         self.model.zero_grad(set_to_none=True)
+        self.control.should_abort = False  # `fg-bus ctl RUN abort` sets it: stop, saving nothing (below)
 
         self.control = self.callback_handler.on_train_begin(args, self.state, self.control,
                                                             eval_dataset=self.eval_dataset)
@@ -541,6 +542,9 @@ class Trainer(DataMixin, EvaluationMixin, CheckpointMixin, OptimizerMixin):
         return torch.nn.utils.clip_grad_norm_(self.model.parameters(), float("inf"))
 
     def _maybe_log_save_evaluate(self, grad_norm, start_time: float, learning_rate: float | None) -> None:
+        if getattr(self.control, "should_abort", False):  # agreed over ranks: every rank stops here, unsaved
+            self.control.should_save = self.control.should_evaluate = False
+            self.control.should_training_stop = True
         if self.control.should_log and self.state.global_step > self._globalstep_last_logged:
             values = self._tr_loss if grad_norm is None else torch.stack([self._tr_loss, grad_norm.float()])
             # The mean over ranks (logging steps only; the grad norm is the same on every rank after DDP).

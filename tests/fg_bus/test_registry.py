@@ -303,3 +303,42 @@ def test_wait_for_run_with_an_id_does_not_wait(fg_home, tmp_path):
     assert registry.wait_for_run("done-1", timeout=0.1).run_id == "done-1"
     with pytest.raises(RunNotFound):
         registry.wait_for_run("nosuch", timeout=5)
+
+
+RUN_ID = r"-\d{8}-\d{6}-[0-9a-f]{4}"
+
+
+@pytest.mark.parametrize("name, part", [
+    ("chargpt-20261201-085816", "chargpt"),  # fg-train's default output dir, fg-runs/NAME-TIME
+    ("chargpt-20261201-085816-20261201-085816-3f18", "chargpt"),  # the doubled id of old
+    ("chargpt-20261201-085816-3f18", "chargpt"),  # an earlier run id as a name
+    ("exp_20261201_085816", "exp"), ("exp-2026-12-01_08-58-16", "exp"), ("exp.2026-12-01T08:58:16", "exp"),
+    ("v1.2-20261201", "v1.2-20261201"),  # a date alone is part of the name
+    ("lr-3e-4--bs 16__", "lr-3e-4-bs-16"), ("---", "run"), ("20261201-085816", "run"), ("été", "t"),
+])
+def test_run_id_is_name_time_suffix_once(name, part):
+    run_id = registry.new_run_id(name)
+    assert re.fullmatch(re.escape(part) + RUN_ID, run_id), run_id
+    assert registry.new_run_id(run_id).startswith(part + "-")  # a run id as a name: no second timestamp
+    assert re.fullmatch(re.escape(part) + RUN_ID, registry.new_run_id(run_id))
+
+
+def test_run_id_name_is_cut_at_40_without_trailing_punctuation():
+    part = registry.run_name_part("a" * 39 + "-bcdef")
+    assert part == "a" * 39 and len(registry.new_run_id("x" * 100).split("-")[0]) == 40
+
+
+def test_new_format_ids_resolve_by_prefix_and_list(fg_home, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    a = make_run(tmp_path / "a", registry.new_run_id("chargpt-20261201-085816"))
+    b = make_run(tmp_path / "b", registry.new_run_id("other"))
+    assert registry.resolve(a.run_id).bus_dir == a.bus_dir
+    assert registry.resolve("chargpt-").bus_dir == a.bus_dir  # unique prefix
+    assert registry.resolve(a.run_id[:-5]).bus_dir == a.bus_dir  # the id without its suffix
+    assert registry.resolve("oth").bus_dir == b.bus_dir
+    ls = subprocess.run([str(Path(sys.executable).parent / "fg-bus"), "ls", "--json"], capture_output=True,
+                        text=True, timeout=60, check=True)
+    assert sorted(r["run_id"] for r in json.loads(ls.stdout)) == sorted([a.run_id, b.run_id])
