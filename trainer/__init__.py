@@ -5,6 +5,7 @@
 
 from ._utils import EvalLoopOutput, EvalPrediction, PredictionOutput, TrainOutput, set_seed
 from .callbacks import EVENTS, CallbackHandler, DefaultFlowCallback, TrainerCallback
+from .divergence import DivergenceDetector
 from .default_callbacks import EarlyStoppingCallback, InfoCallback, PrinterCallback, ProgressCallback
 from .state import ExportableState, TrainerControl, TrainerState
 from .bus_callback import BusCallback, attach_bus
@@ -22,6 +23,7 @@ __all__ = [
     "EVENTS",
     "CallbackHandler",
     "DefaultFlowCallback",
+    "DivergenceDetector",
     "EarlyStoppingCallback",
     "EvalLoopOutput",
     "EvalPrediction",
