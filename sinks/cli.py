@@ -1,6 +1,6 @@
 """`fg-sink KIND`: a separate process that follows a training run's records and writes something from them.
 
-KIND is tb, json, textgen, tail or null, or `module:ClassName` for your own sink class (a `sinks.Sink` subclass,
+KIND is tb, json, textgen, tail, alert or null, or `module:ClassName` for your own sink class (a `sinks.Sink` subclass,
 built with no arguments, or with --option key=value pairs).
 """
 
@@ -17,6 +17,7 @@ import sys
 from fg_bus import registry
 
 from ._output import SafeFormatter, printable, umask_for
+from .alert_sink import DEFAULT_LOG, FORMATS, RULES, AlertSink
 from .base import NullSink, Sink
 from .json_sink import DEFAULT_OUT, JsonSink
 from .runner import run_sink
@@ -31,6 +32,7 @@ examples:
   fg-sink tail --json | jq .          the records themselves
   fg-sink json --follow               stay for the runs that come after
   fg-sink my_pkg.sinks:WandbSink --option project=demo
+  fg-sink alert --webhook URL         NaN loss, divergence, stalls, a dead run... to stderr and a JSON POST
   fg-sink tb --ranks all              a torchrun job: every rank's figures (RUN/rank1, ...), not rank 0's only
 Started before fg-train, a sink waits for the run. Restarted, it continues where its output ends.
 Its files are private (0600, directories 0700) unless --group-readable; one sink writes an output at a time.
@@ -39,7 +41,7 @@ exit status: 0 the run ended and the output is complete; 2 bad arguments or an o
   is writing this output; 8 a write failed (the command that resumes is printed); 128+N stopped by signal N
 """
 
-BUILTIN = ("json", "tb", "textgen", "tail", "null")
+BUILTIN = ("json", "tb", "textgen", "tail", "alert", "null")
 
 
 MAX_SEQ = (1 << 63) - 1  # seqs are 63-bit: what every JSON reader and the journal's integers hold
@@ -107,6 +109,30 @@ def _ranks(text: str) -> str:
     raise argparse.ArgumentTypeError(f"expected 0, all, or a comma list of ranks such as 0,2; got {text!r}")
 
 
+def _count(text: str) -> int:
+    if text.isascii() and text.isdigit():
+        return int(text)
+    raise argparse.ArgumentTypeError(f"expected a whole number, 0 or more, got {text!r}")
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction from 0 (off) to below 1, got {text!r}")
+    return value
+
+
+def _rules(text: str) -> list[str]:
+    rules = [r.strip() for r in text.split(",") if r.strip()]
+    unknown = [r for r in rules if r not in RULES]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown rule {unknown[0]!r}; the rules are {', '.join(RULES)}")
+    return rules
+
+
 def _option(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep or not key:
@@ -117,7 +143,7 @@ def _option(text: str) -> tuple[str, str]:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fg-sink", description=__doc__, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("kind", help="tb, json, textgen, tail, null, or module:ClassName")
+    p.add_argument("kind", help="tb, json, textgen, tail, alert, null, or module:ClassName")
     p.add_argument("--run", default="latest", help="latest (default: the newest live run, or the next to start), "
                                                    "a run id, or a run/output directory")
     p.add_argument("--from", dest="start", type=_from, default="start", metavar="start|now|SEQ",
@@ -162,6 +188,26 @@ def parser() -> argparse.ArgumentParser:
                            help="on a terminal, keep one status line at the bottom: step/max, %%, step rate, ETA, "
                                 "loss (fg-train --sinks tail turns it on when its output is a terminal; never "
                                 "when piped)")
+    alert = p.add_argument_group("alert", "rules: " + ", ".join(RULES) + " (all on; --disable to turn some off)")
+    alert.add_argument("--webhook", metavar="URL", help="POST each alert as JSON to URL (retried a few times; only "
+                                                        "its host is ever printed)")
+    alert.add_argument("--webhook-format", choices=FORMATS, default="json",
+                       help="json: the alert itself (default); slack: {\"text\": ...}; discord: {\"content\": ...}")
+    alert.add_argument("--exec", dest="exec_cmd", metavar="CMD",
+                       help="run CMD (by /bin/sh) for each alert, the alert as JSON on its stdin (10 s at most)")
+    alert.add_argument("--min-interval", type=_seconds, default=60.0, metavar="S",
+                       help="at most one alert per rule every S seconds of the run (default 60); the rest are counted")
+    alert.add_argument("--eval-patience", type=_count, default=5, metavar="N",
+                       help="alert when the eval metric has not improved for N evaluations (default 5; 0: off)")
+    alert.add_argument("--eval-metric", default="eval_loss", metavar="NAME", help="the eval metric (default eval_loss)")
+    alert.add_argument("--greater-is-better", action="store_true", help="the eval metric improves upwards")
+    alert.add_argument("--throughput-drop", type=_fraction, default=0.5, metavar="F",
+                       help="alert when samples_per_second falls below F x its median, after 10 logs (default 0.5; "
+                            "0: off)")
+    alert.add_argument("--disable", type=_rules, default=[], metavar="RULES", help="comma-separated rules to turn off")
+    alert.add_argument("--alert-log", type=_template, default=DEFAULT_LOG, metavar="PATH",
+                       help=f"the alerts raised, one JSON line each; a restarted sink sends none of them again "
+                            f"(default {DEFAULT_LOG})")
     custom = p.add_argument_group("your own sink")
     custom.add_argument("--option", type=_option, action="append", default=[], metavar="KEY=VALUE",
                         help="keyword argument for a module:ClassName sink (repeatable)")
@@ -185,6 +231,11 @@ def _build(opts) -> Sink:
     if opts.kind == "tail":
         return TailSink(events=opts.events.split(",") if opts.events else None, as_json=opts.json,
                         system_every=opts.system_every, progress=opts.progress)
+    if opts.kind == "alert":
+        return AlertSink(webhook=opts.webhook, webhook_format=opts.webhook_format, exec_cmd=opts.exec_cmd,
+                         min_interval=opts.min_interval, eval_patience=opts.eval_patience, eval_metric=opts.eval_metric,
+                         greater_is_better=opts.greater_is_better, throughput_drop=opts.throughput_drop,
+                         disable=opts.disable, alert_log=opts.alert_log, group_readable=opts.group_readable)
     if opts.kind == "null":
         return NullSink()
     if opts.kind == "textgen":
