@@ -59,6 +59,13 @@ MAX_QUEUED = 100_000
 _SENTINEL = object()
 
 
+def seconds_option(owner: str, name: str, value: Any) -> float:
+    """A duration option (`system_interval`, `stall_after`): a finite number of seconds >= 0, 0 for off."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+        raise ValueError(f"{owner}: {name} must be a number of seconds >= 0 (0: off), got {value!r}")
+    return float(value)
+
+
 class Publisher:
     """One rank's publisher. `start()`, then `publish(...)` from the training thread, then `close(status)`."""
 
@@ -71,9 +78,8 @@ class Publisher:
         NVML indices or UUIDs (see `_system.NvmlProbe`; empty for a CPU run). `stall_after`: seconds without a
         trainer event, while training, before the run is `stalled` (at least 10 median step times; 0 or
         None: never)."""
-        for option, value in (("system_interval", system_interval), ("stall_after", stall_after or 0.0)):
-            if not (isinstance(value, (int, float)) and 0 <= value < float("inf")):
-                raise ValueError(f"Publisher: {option} must be a number of seconds >= 0, got {value!r}")
+        system_interval = seconds_option("Publisher", "system_interval", system_interval)
+        stall_after = seconds_option("Publisher", "stall_after", stall_after or 0.0)
         self.bus_dir = Path(bus_dir)
         self.run_id = run_id
         self.rank = rank
@@ -84,7 +90,7 @@ class Publisher:
         self.heartbeat_interval = heartbeat_interval
         self.flush_interval = flush_interval
         self.linger_ms = linger_ms
-        self.system_interval = float(system_interval)
+        self.system_interval = system_interval
         self.gpus = list(gpus or [])
         self.sampler: SystemSampler | None = None
         self.progress = Progress()

@@ -29,7 +29,7 @@ import torch
 
 import fg_bus
 from fg_bus import registry
-from fg_bus.publisher import Publisher, ready_now
+from fg_bus.publisher import Publisher, ready_now, seconds_option
 
 from . import distributed
 from .callbacks import TrainerCallback
@@ -253,11 +253,9 @@ class BusCallback(TrainerCallback):
     def __init__(self, run_name: str | None = None, tcp: str | None = None, meta: dict | None = None,
                  rank: int | None = None, world_size: int | None = None, insecure: bool = False,
                  system_interval: float = 10.0, stall_after: float = 120.0):
-        for name, value in (("system_interval", system_interval), ("stall_after", stall_after)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
-                raise ValueError(f"BusCallback: {name} must be a number of seconds >= 0 (0: off), got {value!r}")
-        self.system_interval = float(system_interval)
-        self.stall_after = float(stall_after)
+        # checked here, not when the publisher starts at on_init_end / on_train_begin
+        self.system_interval = seconds_option("BusCallback", "system_interval", system_interval)
+        self.stall_after = seconds_option("BusCallback", "stall_after", stall_after)
         self.run_name = run_name
         self.tcp = tcp
         self.insecure = insecure
