@@ -1,10 +1,12 @@
-"""How a monitor writes numbers for a person: durations, metric values with units, the order of metrics.
-Public through `fg_bus.monitor`."""
+"""How a monitor writes numbers for a person: durations, metric values with units, the order of metrics; and
+how a run ended, on one line. Public through `fg_bus.monitor`."""
 
 from __future__ import annotations
 
 import math
 from typing import Any
+
+from .records import describe_end
 
 #: Metrics shown first, in this order; then every other one a-z (custom metrics too).
 _FIRST = ("loss", "eval_loss", "grad_norm", "learning_rate", "tokens_per_second", "samples_per_second",
@@ -100,3 +102,36 @@ def ordered_metrics(names) -> list[str]:
     """loss, eval_loss, grad_norm, learning_rate, the throughput figures, then every other name a-z."""
     names = list(dict.fromkeys(names))
     return sorted(names, key=lambda n: (0, _RANK[n], "") if n in _RANK else (1, 0, n))
+
+
+# -- how a run ended, for a line --------------------------------------------------------------------------------
+
+def end_text(status: str | None, reason: Any, limit: int = 300) -> str:
+    """`records.describe_end` on one line: "stopped: `fg-bus ctl stop` from alice@gpu1 (pid 12) at step 40";
+    a many-line exception message keeps its first line (and "…"); at most `limit` characters."""
+    return _one_line(describe_end(status, reason), limit)
+
+
+def reason_text(reason: Any, limit: int = 300) -> str | None:
+    """The reason's `text` on one line (as `end_text`), or None where it has none."""
+    text = reason.get("text") if isinstance(reason, dict) else None
+    return _one_line(text, limit) if isinstance(text, str) and text else None
+
+
+def _one_line(text: str, limit: int) -> str:
+    first, _, rest = text.partition("\n")
+    text = first.rstrip() + (" …" if rest.strip() else "")
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def failure_frame(reason: Any) -> str | None:
+    """A failed run's innermost traceback frame, "trainer/trainer.py:412 in training_step: loss = ...", or None
+    (no exception in the reason, or no frames)."""
+    exception = reason.get("exception") if isinstance(reason, dict) else None
+    frames = exception.get("traceback") if isinstance(exception, dict) else None
+    if not isinstance(frames, list) or not frames or not isinstance(frames[-1], dict):
+        return None
+    frame = frames[-1]
+    where = f"{frame.get('file', '?')}:{frame.get('line', '?')} in {frame.get('function', '?')}"
+    code = frame.get("code")
+    return where + (f": {code.strip()}" if isinstance(code, str) and code.strip() else "")

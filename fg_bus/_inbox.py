@@ -79,9 +79,21 @@ def _control(pub: "Publisher", message: dict) -> None:
         pub._publish_from_bus(records.CONTROL, {"cmd": str(cmd)[:40], "id": request_id, "accepted": False,
                                                 "reason": reason, "global_step": pub.last_step})
         return
-    pub._control.append({"cmd": cmd, "id": request_id, "source": str(message.get("source", ""))[:80]})
+    pub._control.append({"cmd": cmd, "id": request_id, "source": str(message.get("source", ""))[:80],
+                         "origin": _origin(message.get("origin"))})
     pub._publish_from_bus(records.CONTROL, {"cmd": cmd, "id": request_id, "accepted": True,
                                             "global_step": pub.last_step})
+
+
+def _origin(value) -> dict | None:
+    """Who sent a control request (`user`, `host`, `pid`), as the sender says: short strings and an int,
+    anything else dropped. Shown in the run's end reason; the socket's access rules decide who may send."""
+    if not isinstance(value, dict):
+        return None
+    out = {k: str(value[k])[:64] for k in ("user", "host") if isinstance(value.get(k), (str, int))}
+    if type(value.get("pid")) is int:
+        out["pid"] = value["pid"]
+    return out or None
 
 
 def _record(pub: "Publisher", message: dict) -> None:

@@ -30,7 +30,6 @@ REGISTRY_EVERY = 1.0     # s between registry reads
 TAIL_BYTES = 1 << 19     # a live run in the table starts from this much of its journal's end
 SMALL_TAIL = 1 << 16     # an ended run whose run.json has no `progress`: its journal's last lines
 LIVE = ("live", "paused", "stalled")
-_END_STATUS = {"completed": "ended", "interrupted": "ended"}
 
 
 def journal_tail(path: Path, max_bytes: int) -> list[dict]:
@@ -62,11 +61,18 @@ class Tracked:
     from_seq: dict[int, int] = field(default_factory=dict)  # where each rank's subscriber starts
     full: bool = False        # the view holds the whole history (the run is or was shown in detail)
     final: str | None = None  # the stream's end, as rank 0's subscriber saw it
+    final_reason: dict | None = None  # and why (the subscriber's `end_reason`)
     error: str | None = None
 
     def status(self) -> str:
-        status = self.final or self.info.status
-        self.view.set_status(status)
+        """live / stalled / paused, or how the run ended: completed / stopped / interrupted / failed / dead (the
+        view's `end_reason` then says why: its end record's, else the subscriber's or run.json's)."""
+        if self.final is not None:
+            status, reason = self.final, self.final_reason
+        else:
+            status = self.info.status
+            reason = self.info.end_reason if status not in LIVE else None
+        self.view.set_status(status, reason)
         return self.view.status  # "stalled" where the records say so
 
     def row(self) -> render.RowData:
@@ -86,7 +92,7 @@ class Tracked:
             rate=v.steps_per_second if v.steps_per_second is not None else _num(prog.get("steps_per_second")),
             loss=v.last_loss if v.last_loss is not None else _num(prog.get("last_loss")),
             best=best, gpu_util=util, gpu_used_mb=used, gpu_total_mb=total, elapsed_s=self.elapsed(),
-            error=self.error)
+            error=self.error, end_reason=v.end_reason if status not in LIVE else None)
 
     def elapsed(self) -> float | None:
         started, ended = _num(self.info.data.get("started")), _num(self.info.data.get("ended"))
@@ -182,7 +188,7 @@ class Follower:
             tracked.subs = {}
             tracked.view = RunView(tracked.info.run_id)
             tracked.from_seq = {rank: 0 for rank in range(tracked.info.world_size)}
-            tracked.full, tracked.final = True, None
+            tracked.full, tracked.final, tracked.final_reason = True, None, None
             self.version += 1
         if not self.follow:  # --once: the journal files, read here
             for rank in range(tracked.info.world_size):
@@ -225,7 +231,7 @@ class Follower:
                         for record in batch:
                             tracked.view.feed(record)
                         if sub.finished and rank == 0:
-                            tracked.final = _END_STATUS.get(sub.status, sub.status)
+                            tracked.final, tracked.final_reason = sub.status, sub.end_reason
                         if batch or sub.finished:
                             self.version += 1
                     got += len(batch)

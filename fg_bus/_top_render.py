@@ -18,7 +18,7 @@ from rich.cells import cell_len, set_cell_size
 from rich.console import Group, RenderableType
 from rich.text import Text
 
-from .monitor import RunView, format_duration, format_value, metric_label, ordered_metrics
+from .monitor import RunView, end_text, failure_frame, format_duration, format_value, metric_label, ordered_metrics
 
 # C0 and C1 controls, DEL, line/paragraph separators, bidirectional overrides and isolates, and the BOM (the
 # same set as sinks/_output.py `printable`, which fg_bus cannot import).
@@ -48,8 +48,8 @@ def middle(text: str, width: int) -> str:
     return set_cell_size(text, width)
 
 
-STATUS_STYLE = {"live": "green", "stalled": "bold yellow", "paused": "yellow", "ended": "cyan", "failed": "bold red",
-                "dead": "bold red", "unknown": "dim"}
+STATUS_STYLE = {"live": "green", "stalled": "bold yellow", "paused": "yellow", "completed": "cyan", "stopped": "cyan",
+                "interrupted": "yellow", "failed": "bold red", "dead": "bold red", "unknown": "dim"}
 
 
 @dataclass
@@ -69,6 +69,7 @@ class RowData:
     gpu_total_mb: float | None = None
     elapsed_s: float | None = None  # since the run started (to its end, for a run that is over)
     error: str | None = None
+    end_reason: dict | None = None  # why a run that is over ended (records.end_reason's dict)
 
     @property
     def progress(self) -> float | None:
@@ -456,6 +457,19 @@ def sample_lines(samples, width: int, max_lines: int | None) -> list[Text]:
     return out
 
 
+def end_lines(row: RowData, width: int) -> list[Text]:
+    """How a run that is over ended, and why ("stopped: `fg-bus ctl stop` from alice@gpu1 (pid 12) at step 40");
+    for a failure, the line after names its innermost traceback frame. Nothing for a run that goes on."""
+    if row.status in ("live", "stalled", "paused", "unknown"):
+        return []
+    lines = [one_line(Text.assemble(("ended ", "dim"), (safe(end_text(row.status, row.end_reason), width),
+                                                       STATUS_STYLE.get(row.status, ""))), width)]
+    frame = failure_frame(row.end_reason) if row.status == "failed" else None
+    if frame:
+        lines.append(one_line(Text.assemble(("   at ", "dim"), safe(frame, width)), width))
+    return lines
+
+
 def section(title: str) -> Text:
     return Text(title, style="bold underline")
 
@@ -485,6 +499,7 @@ def detail(view: RunView, row: RowData, width: int, height: int | None) -> list[
         info = f" {progress_text(row)}  ran {format_duration(row.elapsed_s)}"
     bar = progress_bar(row.progress, width - len(info) - 1)
     bar.append(info)
+    ended = end_lines(row, width)
     metrics = flow(metric_pairs(view), width, None if height is None else 3)
     if row.best:
         metrics.append(Text.assemble(("best ", "dim"), f"{safe(row.best[0], 40)} {_num(row.best[1])} "
@@ -494,7 +509,7 @@ def detail(view: RunView, row: RowData, width: int, height: int | None) -> list[
                                    event_lines(view.events, width, 10))
         chart_h, chart_rows = 8, 2
     else:
-        spare = height - 2  # header, bar
+        spare = height - 2 - len(ended)  # header, bar, how it ended
         system = system_lines(view, width, 2 if spare < 24 else 8)
         samples = sample_lines(view.samples, width, 1 if spare < 24 else 3)
         events = event_lines(view.events, width, 2 if spare < 24 else 6)
@@ -505,7 +520,7 @@ def detail(view: RunView, row: RowData, width: int, height: int | None) -> list[
         left = spare - text_h
         chart_rows = 2 if left >= 10 else (1 if left >= 4 else 0)
         chart_h = min(14, left // chart_rows) if chart_rows else 0
-    parts: list[RenderableType] = [head, bar]
+    parts: list[RenderableType] = [head, bar, *ended]
     parts += charts(view, width, chart_h, chart_rows) if chart_rows else []
     parts += metrics or [Text("no metrics yet", style="dim")]
     if height is None:

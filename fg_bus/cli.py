@@ -11,14 +11,15 @@ import os
 import sys
 
 from . import control, records, registry, security
-from .monitor import format_duration, format_value
+from .monitor import end_text, failure_frame, format_duration, format_value, reason_text
 from .publisher import CONTROL_COMMANDS
 from .subscriber import Subscriber
 
 EPILOG = """\
 examples:
-  fg-bus ls                         runs, newest last: status (live / stalled / paused? / ended / failed /
-                                    dead), step/max, %, step rate, ETA, last loss, best eval
+  fg-bus ls                         runs, newest last: status (live / stalled / paused? / completed /
+                                    stopped / interrupted / failed / dead) and why it ended, step/max,
+                                    %, step rate, ETA, last loss, best eval
   fg-bus ls --json                  the same as JSON
   fg-bus cat latest --from 0        every record of the newest live run, then follow it to its end
   fg-bus ctl RUN stop               stop at the next step boundary (with a final checkpoint)
@@ -34,7 +35,8 @@ is read from its journal alone).
 
 CAT_EPILOG = """\
 exit status:
-  0  the run's records, complete, to its end record (completed, interrupted or failed)
+  0  the run's records, complete, to its end record (completed, stopped, interrupted or failed; the
+     last line on stderr says which and why)
   1  no such run (or it cannot be read)
   2  bad usage (an option's value, a rank the run does not have)
   3  the trainer died: every record it wrote, but no end record
@@ -45,8 +47,9 @@ exit status:
 EPILOG += "\nfg-bus cat " + CAT_EPILOG
 
 TOP_DESCRIPTION = """\
-A full-screen dashboard of this user's runs: status (live / stalled / paused / ended / failed / dead),
-progress and ETA, step rate, last loss, best eval, GPU use. Enter shows one run in detail: progress,
+A full-screen dashboard of this user's runs: status (live / stalled / paused / completed / stopped /
+interrupted / failed / dead), progress and ETA, step rate, last loss, best eval, GPU use; for a run that
+is over, why it ended (a failure's exception and where). Enter shows one run in detail: progress,
 charts of loss and eval loss, learning rate, grad norm and throughput, system metrics per rank, text
 samples, warnings and control records, every metric the logs carry. It follows runs as a sink does (their
 history from the journal, then live) and keeps going when a run ends or dies."""
@@ -64,12 +67,15 @@ examples:
 
 LS_DESCRIPTION = """\
 Every run registered for this user, oldest first:
-  STATUS     live, stalled (heartbeats go on, steps do not), paused? (its process is alive but silent),
-             ended, failed, dead
+  STATUS     live, stalled (heartbeats go on, steps do not), paused? (its process is alive but silent);
+             once over: completed (max_steps or its epochs), stopped (`fg-bus ctl stop`, a callback),
+             interrupted (a signal), failed (an exception), dead (gone without an end record)
   STEP DONE  the last step / the run's max steps, and the share done
   STEP/S     the recent step rate        ETA     the time left at that rate (live runs only)
   LOSS       the last logged loss        BEST EVAL  the best evaluation so far (metric_for_best_model,
              default eval_loss), with its step
+  END        why it ended, cut to fit ("`fg-bus ctl stop` from alice@gpu1 (pid 12) at step 40",
+             "ValueError: ...", "no heartbeat for 40 s"); --json has it whole as `end_reason`
 These come from the run's run.json, refreshed every second while it runs; "-" where a run has none
 (runs from before this version)."""
 
@@ -94,7 +100,8 @@ def parser() -> argparse.ArgumentParser:
     ls = sub.add_parser("ls", help="list runs", description=LS_DESCRIPTION,
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     ls.add_argument("--json", action="store_true", help="print JSON instead of a table (the same fields, with "
-                                                        "progress as 0..1 and eta_s in seconds)")
+                                                        "progress as 0..1, eta_s in seconds, and end_reason: why "
+                                                        "it ended, a dict with `text`, null while it runs)")
     cat = sub.add_parser("cat", help="print a run's records as JSON lines (history, then live, to its end)",
                          epilog=CAT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     cat.add_argument("run", nargs="?", default="latest")
@@ -200,22 +207,40 @@ def _cells(r: dict) -> tuple[str, ...]:
                                      + (f"@{best['step']}" if best.get("step") is not None else ""))
 
 
+#: the most characters of a reason the END column shows (`ls --json` has it whole)
+END_WIDTH = 60
+
+
+def _end_cell(r: dict) -> str:
+    """The END column: why the run ended, on one line, cut to END_WIDTH ("-" while it runs, or where the
+    reason says no more than the status: a run from before reasons)."""
+    text = reason_text(r["end_reason"], END_WIDTH)
+    return "-" if text is None or text == r["status"] else _printable(text)
+
+
+def _printable(text: str) -> str:
+    """`text` with every control (and other unprintable) character escaped: safe on a terminal."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def cmd_ls(opts) -> int:
     rows = []
     for info in registry.list_runs():  # entries of the wrong shape are skipped, each with a warning
         d = info.data
         status = info.status
-        rows.append({"run_id": info.run_id, "status": status, "pid": d.get("pid"),
+        rows.append({"run_id": info.run_id, "status": status, "end_reason": info.end_reason, "pid": d.get("pid"),
                      "started": _started(d.get("started", 0)), "last_step": d.get("last_step"),
                      **_progress(d, status), "run_dir": str(info.bus_dir)})
     if opts.json:
         return _print_all(json.dumps(rows, indent=1) + "\n")
     if not rows:
         return _print_all(f"no runs registered in {registry.registry_dir()}\n")
-    header = ("RUN", "STATUS", "PID", "STARTED", "STEP", "DONE", "STEP/S", "ETA", "LOSS", "BEST EVAL", "RUN DIR")
+    header = ("RUN", "STATUS", "PID", "STARTED", "STEP", "DONE", "STEP/S", "ETA", "LOSS", "BEST EVAL", "END",
+              "RUN DIR")
     # "paused?": its pid is alive here but its heartbeat stopped (a guess: stopped, suspended, or hung)
     table = [header] + [(r["run_id"], r["status"] + ("?" if r["status"] == registry.PAUSED else ""),
-                         str(r["pid"]), r["started"], *_cells(r), r["run_dir"]) for r in rows]
+                         str(r["pid"]), r["started"], *_cells(r), _end_cell(r), r["run_dir"])
+                        for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(header) - 1)]
     return _print_all("".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1] + "\n"
                               for row in table))
@@ -266,11 +291,16 @@ def cmd_cat(opts) -> int:
     except BrokenPipeError:
         return 0
     stats = sub.stats
-    print(f"fg-bus: run {sub.run_id} {sub.status}; {stats.live} live, {stats.replayed} replayed, "
+    print(f"fg-bus: run {sub.run_id}: {stats.live} live, {stats.replayed} replayed, "
           f"{stats.gaps_repaired} gaps repaired, {stats.holes} holes{_ranges(stats.hole_ranges)}, "
           f"{stats.malformed_total} malformed{_reasons(stats.malformed)}"
           + (f", {stats.lost} lost" if stats.lost else "")
           + (f", {stats.paused_s:.1f} s paused" if stats.paused_s else ""), file=sys.stderr)
+    # the last line: how the run ended, and why ("run X stopped: `fg-bus ctl stop` from alice@gpu1 ...")
+    print(f"fg-bus: run {sub.run_id} {_printable(end_text(sub.status, sub.end_reason))}", file=sys.stderr)
+    frame = failure_frame(sub.end_reason) if sub.status == registry.FAILED else None
+    if frame:
+        print(f"fg-bus:   at {_printable(frame[:400])}", file=sys.stderr)
     if stats.holes or stats.lost or stats.malformed_total:
         print("fg-bus: the output is incomplete: records are missing (see above)", file=sys.stderr)
         return EXIT_INCOMPLETE

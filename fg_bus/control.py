@@ -9,7 +9,10 @@ stream: first accepted (or refused), then applied at the next step boundary.
 
 from __future__ import annotations
 
+import getpass
+import os
 import secrets
+import socket
 import time
 from dataclasses import dataclass
 
@@ -72,7 +75,8 @@ def send_control(info: registry.RunInfo, cmd: str, *, rank: int = 0, timeout: fl
                                         "(is it stopped or dead?)")
         request_id = secrets.token_hex(6)
         push.connect(endpoints["inbox"])
-        push.send(orjson.dumps({"op": "control", "cmd": cmd, "id": request_id, "source": source}))
+        push.send(orjson.dumps({"op": "control", "cmd": cmd, "id": request_id, "source": source,
+                                "origin": {"user": _user(), "host": socket.gethostname(), "pid": os.getpid()}}))
         ack = _wait_for(sub, deadline, lambda r: r["event"] == records.CONTROL and r.get("id") == request_id)
         if ack is None:
             return result(NO_ANSWER, f"no acknowledgement from run {info.run_id} within {timeout:g} s")
@@ -101,3 +105,10 @@ def _wait_for(sub, deadline: float, match) -> dict | None:
             continue
         if match(record):
             return record
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no name for this uid (a container)
+        return str(os.getuid())

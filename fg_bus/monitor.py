@@ -39,9 +39,11 @@ from collections import deque
 from datetime import datetime
 from typing import Any
 
-from ._format import format_duration, format_value, metric_label, ordered_metrics
+from ._format import (end_text, failure_frame, format_duration, format_value, metric_label, ordered_metrics,
+                      reason_text)
 
-__all__ = ["RunView", "format_duration", "format_value", "metric_label", "ordered_metrics"]
+__all__ = ["RunView", "end_text", "failure_frame", "reason_text", "format_duration", "format_value", "metric_label",
+           "ordered_metrics"]
 
 #: How many points a metric's series keeps before it is thinned (every other old point dropped).
 SERIES_MAX = 1000
@@ -53,6 +55,9 @@ DATA_EXCESS = 0.1
 #: on_step_end timestamps the step rate is measured over (the recent rate, not the run's average).
 RATE_WINDOW = 50
 SAMPLES_KEPT = 20
+#: statuses of a run that goes on; and of one that is over (the end record's, or dead as a follower saw it)
+LIVE_STATUSES = ("live", "stalled", "paused", "running")
+END_STATUSES = ("completed", "stopped", "interrupted", "failed", "dead")
 EVENTS_KEPT = 100
 
 #: keys of a training on_log that are not metrics of the run's progress
@@ -107,7 +112,10 @@ class RunView:
         self.metrics_rank = metrics_rank
         self.name: str | None = None
         self._status = "unknown"
-        self.end_status: str | None = None  # the end record's: completed / interrupted / failed
+        self.end_status: str | None = None  # the end record's: completed / stopped / interrupted / failed
+        #: why it ended: the end record's `reason` (fg_bus.records.end_reason: `text`, who stopped it, the
+        #: signal, the exception), or what the follower saw for a dead run (`set_status(..., reason)`)
+        self.end_reason: dict | None = None
         self.world_size = 1
         self.max_steps: int | None = None
         self.epoch: float | None = None
@@ -148,11 +156,26 @@ class RunView:
 
     # -- input --
 
-    def set_status(self, status: str) -> None:
-        """The run's status as the subscriber or the registry sees it: live / ended / failed / dead / ..."""
+    def set_status(self, status: str, reason: dict | None = None) -> None:
+        """The run's status as the subscriber or the registry sees it: live / stalled / paused while it runs,
+        completed / stopped / interrupted / failed / dead once it is over; `reason` (a dict with `text`), why
+        it ended, where the end record did not say (a dead run: what the follower saw)."""
         self._status = status
-        if status not in ("live", "stalled", "paused", "running"):
+        if status not in LIVE_STATUSES:
             self._stalled.clear()
+            if isinstance(reason, dict) and self.end_status is None:  # the end record's own reason wins
+                self.end_reason = reason
+
+    @property
+    def ended(self) -> bool:
+        """The run is over (its end record came, or its follower gave it up as dead)."""
+        return self.end_status is not None or self._status in END_STATUSES
+
+    def describe_end(self) -> str | None:
+        """"stopped: `fg-bus ctl stop` from alice@host ..." (one line, `end_text`) for an ended run, else None."""
+        if not self.ended:
+            return None
+        return end_text(self.end_status or self._status, self.end_reason)
 
     def feed(self, record: dict) -> None:
         event = record.get("event")
@@ -354,8 +377,10 @@ class RunView:
         self._stalled.pop(rank, None)
         if rank == self.metrics_rank:
             self.end_status = status if isinstance(status, str) else "?"
-            self._status = {"completed": "ended", "interrupted": "ended"}.get(self.end_status, self.end_status)
-            self._event(ts, "end", f"end: {self.end_status}")
+            reason = record.get("reason")
+            self.end_reason = reason if isinstance(reason, dict) and isinstance(reason.get("text"), str) else None
+            self._status = self.end_status
+            self._event(ts, "end", end_text(self.end_status, self.end_reason))
 
     def _event(self, ts: float | None, kind: str, text: str) -> None:
         self.events.append((ts if ts is not None else 0.0, kind, text))
@@ -426,7 +451,7 @@ class RunView:
     @property
     def eta_s(self) -> float | None:
         rate = self.steps_per_second
-        if not self.max_steps or not rate or self.status in ("ended", "failed", "dead"):
+        if not self.max_steps or not rate or self.ended:
             return None
         return max(0, self.max_steps - self.global_step) / rate
 
@@ -463,6 +488,7 @@ class RunView:
         best = self.best_eval
         return {
             "run_id": self.run_id, "name": self.name, "status": self.status, "end_status": self.end_status,
+            "end_reason": self.end_reason,
             "world_size": self.world_size, "global_step": self.global_step, "max_steps": self.max_steps,
             "epoch": self.epoch, "progress": self.progress, "steps_per_second": self.steps_per_second,
             "eta_s": self.eta_s, "last_loss": self.last_loss,

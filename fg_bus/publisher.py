@@ -106,6 +106,7 @@ class Publisher:
         self._start_error: BaseException | None = None
         self.endpoints: dict[str, str] = {}
         self.status = registry.RUNNING
+        self.end_reason: dict | None = None  # why it ended (records.end_reason), set by close()
         self.last_step = 0
         self.journal_error: str | None = None
         self.lost_from: int | None = None  # after a journal write error: the first seq not on disk
@@ -146,13 +147,15 @@ class Publisher:
         atexit.register(self._close_at_exit)
         return self
 
-    def close(self, status: str = registry.COMPLETED, timeout: float = 10.0) -> None:
-        """Publish the `end` record with `status` (and `incomplete`, if records were lost), flush and sync the
-        journal, close the sockets. Idempotent. If the bus thread is gone, writes run.json's final status."""
+    def close(self, status: str = registry.COMPLETED, timeout: float = 10.0, reason: dict | None = None) -> None:
+        """Publish the `end` record with `status` and `reason` (records.end_reason: why it ended; and
+        `incomplete`, if records were lost), flush and sync the journal, close the sockets. Idempotent. If
+        the bus thread is gone, writes run.json's final status."""
         with self._lock:
             if self._closed:
                 return
-            fields = {"status": status, "global_step": self.last_step}
+            self.end_reason = reason or records.end_reason(status)
+            fields = {"status": status, "reason": self.end_reason, "global_step": self.last_step}
             if self.incomplete is not None:
                 fields["incomplete"] = self.incomplete
             if not self._dead:
@@ -172,7 +175,8 @@ class Publisher:
 
     def _close_at_exit(self) -> None:
         # The interpreter is exiting without close(): training did not reach its end.
-        self.close(registry.FAILED, timeout=5.0)
+        self.close(registry.FAILED, timeout=5.0,
+                   reason=records.end_reason("the process exited without ending the run"))
 
     @property
     def closed(self) -> bool:
@@ -359,7 +363,7 @@ class Publisher:
         """run.json's last word: the status, and `incomplete` when records were lost."""
         if self.info is None:
             return
-        self.info.data.update(status=status, ended=time.time(), last_step=self.last_step, stalled_since=None,
+        self.info.data.update(status=status, reason=self.end_reason, ended=time.time(), last_step=self.last_step, stalled_since=None,
                               progress=self.progress.summary(), journal_error=self.journal_error,
                               incomplete=self.incomplete,
                               bus_errors=self.bus_errors, rejected=dict(self.rejected))

@@ -169,3 +169,39 @@ def parse_frames(parts: list[bytes]) -> dict:
     if parts[0] != record["event"].encode():
         raise RecordError("topic-mismatch", f"topic {bytes(parts[0])[:40]!r} != event {record['event']!r}")
     return record
+
+
+# -- why a run ended: the `reason` of the end record (and of run.json) -----------------------------------
+#
+# A dict with `text`, one line for a person, always; and by status:
+#   stopped:     by: "ctl" (cmd, source, origin {user, host, pid}), "callback" (callback), or "rank" (another
+#                rank's vote, agreed over the ranks)
+#   interrupted: signal ("SIGINT", "SIGTERM")
+#   failed:      exception {type, message, traceback: the last frames, each {file, line, function, code}}
+
+#: frames of a failure's traceback kept in its reason (the innermost ones)
+TRACEBACK_FRAMES = 8
+
+
+def end_reason(text: str, **fields: Any) -> dict:
+    return {"text": text, **{k: v for k, v in fields.items() if v is not None}}
+
+
+def failure_reason(error: BaseException, frames: int = TRACEBACK_FRAMES) -> dict:
+    """A failed run's reason: the exception's type, message and its innermost `frames` frames."""
+    import traceback
+
+    stack = traceback.extract_tb(error.__traceback__)[-frames:] if error.__traceback__ is not None else []
+    message = str(error)[:2000]
+    kind = type(error).__qualname__
+    return end_reason(f"{kind}: {message}" if message else kind,
+                      exception={"type": kind, "message": message,
+                                 "traceback": [{"file": f.filename, "line": f.lineno, "function": f.name,
+                                                "code": (f.line or "")[:200]} for f in stack]})
+
+
+def describe_end(status: str | None, reason: Any) -> str:
+    """"stopped: fg-bus ctl stop (alice@gpu1)" — a status and its reason's text, for a line or a cell."""
+    status = status or "?"
+    text = reason.get("text") if isinstance(reason, Mapping) else None
+    return f"{status}: {text}" if isinstance(text, str) and text and text != status else status

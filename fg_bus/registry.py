@@ -32,7 +32,11 @@ logger = logging.getLogger(__name__)
 RUN_FILE = "run.json"
 BUS_DIRNAME = "fg-bus"
 #: run.json "status" values; "dead" is never written, it is what a running entry with no process becomes.
-RUNNING, COMPLETED, FAILED, INTERRUPTED, DEAD = "running", "completed", "failed", "interrupted", "dead"
+#: How a run ended, with its `reason` (records.end_reason): completed (ran to max_steps / its epochs),
+#: stopped (`fg-bus ctl` or a callback asked), interrupted (a signal), failed (an exception).
+RUNNING, COMPLETED, STOPPED, FAILED, INTERRUPTED, DEAD = ("running", "completed", "stopped", "failed",
+                                                          "interrupted", "dead")
+END_STATUSES = (COMPLETED, STOPPED, INTERRUPTED, FAILED, DEAD)
 #: What `RunInfo.status` reports besides those: "live", "paused" (the trainer's pid exists on this host but
 #: its heartbeat stopped: SIGSTOP, a suspended job, a paused VM), "unknown" (its run.json is gone).
 LIVE, PAUSED, UNKNOWN = "live", "paused", "unknown"
@@ -276,10 +280,11 @@ class RunInfo:
 
     @property
     def status(self) -> str:
-        """live / stalled / paused / ended / failed / dead / unknown, as `fg-bus ls` shows it."""
+        """live / stalled / paused / dead / unknown while it runs (as far as we can tell); completed / stopped /
+        interrupted / failed once it ended (`end_reason` says why), as `fg-bus ls` shows it."""
         raw = self.data.get("status", RUNNING)
         if raw != RUNNING:
-            return {COMPLETED: "ended", INTERRUPTED: "ended", FAILED: "failed"}.get(raw, raw)
+            return raw
         silent = time.time() - self.data.get("heartbeat", time.time())
         pid = self.data.get("pid")
         if self.is_local and pid is not None:
@@ -297,6 +302,22 @@ class RunInfo:
     @property
     def is_local(self) -> bool:
         return self.data.get("host") == socket.gethostname()
+
+    @property
+    def end_reason(self) -> dict | None:
+        """Why the run ended (records.end_reason's dict, `text` always there), or None while it runs. A dead
+        run's reason is what its followers saw: its process gone, or its heartbeat silent."""
+        status = self.status
+        if status == DEAD:
+            pid = self.data.get("pid")
+            if self.is_local and pid is not None and not pid_alive(pid):
+                return {"text": f"its process (pid {pid}) is gone without ending the run"}
+            silent = time.time() - self.data.get("heartbeat", time.time())
+            return {"text": f"no heartbeat for {silent:.0f} s"}
+        if status in END_STATUSES:
+            reason = self.data.get("reason")
+            return reason if isinstance(reason, dict) and isinstance(reason.get("text"), str) else {"text": status}
+        return None
 
     @property
     def is_live(self) -> bool:

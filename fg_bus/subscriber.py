@@ -73,7 +73,9 @@ class Subscriber:
         self.dead_after = dead_after
         self.rank = rank
         self.stats = SubscriberStats()
-        self.status: str | None = None  # set when the stream is over: completed / interrupted / failed / dead
+        self.status: str | None = None  # set when the stream is over: completed / stopped / interrupted / failed / dead
+        #: why it ended (records.end_reason: `text`, and by status who stopped it, the signal, the exception)
+        self.end_reason: dict | None = None
         if isinstance(run, registry.RunInfo):
             info = run
         else:
@@ -248,6 +250,9 @@ class Subscriber:
             info = self._reload()
             dead = info.status in (registry.LIVE, registry.STALLED, registry.PAUSED, registry.DEAD, registry.UNKNOWN)
             self.status = registry.DEAD if dead else info.data.get("status")
+            self.end_reason = (info.end_reason or records.end_reason("its journal ends without an end record while "
+                                                                     f"its run.json says {info.status}")
+                               if dead else info.data.get("reason"))
             last_seq = info.data.get("last_seq")
             self._expected = self._expected or 0
             if type(last_seq) is int and last_seq >= self._expected:
@@ -389,7 +394,7 @@ class Subscriber:
         ends = [i for i, record in enumerate(chunk) if record["event"] == records.END]
         if ends:
             chunk = chunk[:ends[0] + 1]  # nothing after the end record belongs to the stream
-            self.status = chunk[-1].get("status", registry.COMPLETED)
+            self._ended(chunk[-1])
         self._expected = chunk[-1]["seq"] + 1
         if self.events is None:
             out.extend(chunk)
@@ -419,10 +424,15 @@ class Subscriber:
     def _deliver(self, record: dict, out: list[dict]) -> None:
         self._expected = record["seq"] + 1
         if record["event"] == records.END:
-            self.status = record.get("status", registry.COMPLETED)
+            self._ended(record)
             out.append(record)
         elif self.events is None or record["event"] in self.events:
             out.append(record)
+
+    def _ended(self, end: dict) -> None:
+        self.status = end.get("status", registry.COMPLETED)
+        reason = end.get("reason")
+        self.end_reason = reason if isinstance(reason, dict) else None
 
     def _finish_from_journal(self, out: list[dict], why: str) -> None:
         """Live delivery is over (trainer silent, or ended with a gap here): finish from the journal file."""
@@ -442,6 +452,7 @@ class Subscriber:
         out.extend(self._poll_journal(batch=1 << 62))
         if not self.finished:
             self.status = registry.DEAD
+            self.end_reason = records.end_reason(f"{why}, and its journal ends without an end record")
 
     # -- end -------------------------------------------------------------------------------------------
 

@@ -246,6 +246,10 @@ class Top:
         if tracked.elapsed() is not None:
             where.append(("ran" if data.get("ended") else "running", render.format_duration(tracked.elapsed())))
         out = [Text("")] + render.flow(where, width, 1)
+        if tracked.view.ended:  # how it ended, and why
+            row = render.RowData(run_id=tracked.info.run_id, status=tracked.view.status,
+                                 end_reason=tracked.view.end_reason)
+            out += render.end_lines(row, width)
         if pairs:
             out += render.flow(pairs, width, 2)
         if tracked.view.events:

@@ -4,7 +4,10 @@ Rules (each on by default; `disable` turns one off by name):
   nonfinite-loss   a NaN/Inf `loss` in on_log or on_step_end metrics (once, until a finite loss is seen again)
   trainer-alert    an `alert` record the trainer published (the DivergenceDetector): forwarded as it is
   stalled          a `warning` record of kind `stalled` (the bus's stall watcher)
-  run-end          the run died (no heartbeat, no end record) or failed (its end record says `failed`)
+  run-end          the run died (no heartbeat, no end record) or failed (its end record says `failed`): the
+                   alert gives the reason (the exception and where it was raised; what the follower saw);
+                   a run completed, stopped (`fg-bus ctl`, a callback) or interrupted (a signal: someone
+                   meant it) raises none
   eval-plateau     the eval metric (`eval_loss`, or `eval_metric`) did not improve for `eval_patience` evaluations
   throughput-drop  training `samples_per_second` below `throughput_drop` x the median of the earlier logs (after
                    at least 10 logs; once, until it recovers)
@@ -41,6 +44,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from fg_bus import records, registry
+from fg_bus.monitor import failure_frame, reason_text
 from fg_bus.registry import RunInfo
 
 from ._output import AppendFile, OutputError, OutputLock, dir_mode, file_mode, make_dirs, printable
@@ -262,18 +266,24 @@ class AlertSink(Sink):
                        {"stalled_for": _number(record.get("stalled_for"))})
         elif event == records.END:
             if record.get("status") == registry.FAILED:
-                why = next((record[k] for k in ("error", "exception", "reason", "message") if record.get(k)), None)
-                if isinstance(why, dict):
-                    why = ": ".join(str(why[k]) for k in ("type", "message") if why.get(k)) or json.dumps(why)
-                self._fire("run-end", record, "the run failed" + (f": {printable(why)}" if why else ""),
-                           {"status": registry.FAILED}, key=f"run-end:{rank}", limit=False)
+                reason = record.get("reason") if isinstance(record.get("reason"), dict) else None
+                why = reason_text(reason)
+                if why is None:  # an end record from before reasons
+                    why = next((record[k] for k in ("error", "exception", "message") if record.get(k)), None)
+                    if isinstance(why, dict):
+                        why = ": ".join(str(why[k]) for k in ("type", "message") if why.get(k)) or json.dumps(why)
+                frame = failure_frame(reason)
+                message = "the run failed" + (f": {why}" if why else "") + (f" (at {frame})" if frame else "")
+                self._fire("run-end", record, printable(message), {"status": registry.FAILED, "reason": reason},
+                           key=f"run-end:{rank}", limit=False)
 
-    def end_run(self, status: str) -> None:
+    def end_run(self, status: str, reason: dict | None = None) -> None:
         if status == registry.DEAD:  # a failed end record raised this alert already: the same key
             rank = min(self._last_step) if self._last_step else 0
+            why = reason_text(reason)
             self._fire("run-end", {"rank": rank, "global_step": self._last_step.get(rank)},
-                       "the trainer died: no heartbeat and no end record", {"status": registry.DEAD},
-                       key=f"run-end:{rank}", limit=False)
+                       "the trainer died: " + printable(why or "no heartbeat and no end record"),
+                       {"status": registry.DEAD, "reason": reason}, key=f"run-end:{rank}", limit=False)
         if self._file is not None:
             self._file.sync()
 

@@ -7,7 +7,8 @@
 Optional hooks: `open_run(info)` is called when a run is attached and returns where this sink's output
 for that run ends (the next seq it needs: an int for rank 0, or a dict by rank), so a restarted sink
 continues without a duplicate or a hole;
-`end_run(status)` when the run's stream is over. A sink never sees sockets: tests feed it records.
+`end_run(status, reason)` when the run's stream is over (`reason`: why, a dict with `text`; see
+`fg_bus.records.end_reason`; an `end_run(status)` of one argument gets the status alone). A sink never sees sockets: tests feed it records.
 
 A full disk: when `handle` raises an OSError for one (ENOSPC, EDQUOT, EFBIG), the runner says so and tries
 again every second, until it goes through, by calling the sink's `retry_write()` if it has one (a sink that
@@ -38,8 +39,9 @@ class Sink:
     def handle(self, record: dict[str, Any]) -> None:
         pass
 
-    def end_run(self, status: str) -> None:
-        """The run's stream is over (completed / interrupted / failed / dead); make the output durable."""
+    def end_run(self, status: str, reason: dict | None = None) -> None:
+        """The run's stream is over (completed / stopped / interrupted / failed / dead, and `reason`: why,
+        `fg_bus.records.end_reason`'s dict, or None); make the output durable."""
 
     def close(self) -> None:
         """Release everything; called once at exit, and safe to call again."""

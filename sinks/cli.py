@@ -20,7 +20,7 @@ from ._output import SafeFormatter, printable, umask_for
 from .alert_sink import DEFAULT_LOG, FORMATS, RULES, AlertSink
 from .base import NullSink, Sink
 from .json_sink import DEFAULT_OUT, JsonSink
-from .runner import run_sink
+from .runner import call_end_run, run_sink
 from .tail_sink import SYSTEM_EVERY, TailSink
 from .tb_sink import DEFAULT_LOGDIR, TensorBoardSink
 
@@ -276,10 +276,10 @@ class _Adapted(Sink):
     def handle(self, record):
         self.inner.handle(record)
 
-    def end_run(self, status):
+    def end_run(self, status, reason=None):
         hook = getattr(self.inner, "end_run", None)
         if callable(hook):
-            hook(status)
+            call_end_run(hook, status, reason)
 
     def close(self):
         hook = getattr(self.inner, "close", None)

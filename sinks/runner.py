@@ -2,7 +2,8 @@
 
 A sink resumes where its output ends (its `open_run` says so) unless `--from` asks otherwise; a record
 the sink cannot handle is skipped with a warning and counted; SIGINT/SIGTERM stop it cleanly after the
-record in hand. One summary line per run: records handled, gaps repaired, malformed skipped, status.
+record in hand. One summary line per run: how the run ended and why (`fg_bus.records.describe_end`: "stopped:
+`fg-bus ctl stop` from alice@gpu1 ..."), records handled, gaps repaired, malformed skipped.
 
 A full disk (ENOSPC, a quota, a file-size limit) is said once, naming the file; the sink keeps the record in
 hand and tries again every second until there is room, then carries on (a signal still stops it). Any
@@ -16,6 +17,7 @@ when every followed rank has ended or died.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import shlex
@@ -25,6 +27,7 @@ import time
 from dataclasses import dataclass, field
 
 from fg_bus import registry
+from fg_bus.monitor import end_text
 from fg_bus.subscriber import Subscriber
 
 from ._output import EXIT_WRITE_FAILED, OutputError, is_disk_full, printable
@@ -49,6 +52,15 @@ class RunSummary:
     lost: int = 0  # records neither journaled by the trainer (its disk failed) nor received live
     holes: int = 0  # records missing from the stream for good (a garbled or emptied journal, a seq jump)
     hole_ranges: list[tuple[int, int]] = field(default_factory=list)
+    reason: dict | None = None  # why the run ended (the end record's `reason`, or what the follower saw)
+
+    def ended(self, ranks: str = "") -> str:
+        """"stopped: `fg-bus ctl stop` from alice@gpu1 (pid 12) at step 40" (`ranks`, each rank's status, after
+        the status); for a sink stopped before the run's end, "not followed to its end (the sink was stopped by
+        SIGTERM)"."""
+        if self.status in registry.END_STATUSES:
+            return end_text(self.status + ranks, self.reason)
+        return f"not followed to its end (the sink was {self.status}){ranks}"
 
     def line(self, kind: str) -> str:
         ranks = ""
@@ -60,7 +72,7 @@ class RunSummary:
             shown = ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in self.hole_ranges[:_SHOWN_HOLES])
             more = ", ..." if len(self.hole_ranges) > _SHOWN_HOLES else ""
             holes = f", {self.holes} MISSING for good (seq {shown}{more}: the journal lacks them)"
-        return printable(f"fg-sink {kind}: run {self.run_id} {self.status}{ranks}: {self.handled} records handled, "
+        return printable(f"fg-sink {kind}: run {self.run_id} {self.ended(ranks)}; {self.handled} records handled, "
                          f"{self.gaps_repaired} gaps repaired, {self.malformed + self.skipped} malformed skipped"
                          f"{lost}{holes}")
 
@@ -201,29 +213,50 @@ def follow_run(sink: Sink, info: registry.RunInfo, start: int | str, stop: _Stop
     finally:
         for sub in subs.values():
             sub.close()
+    rank_reason: dict[int, dict | None] = {r: {"text": f"rank {r} never registered"} for r in rank_status}
     for rank, sub in subs.items():
         rank_status[rank] = f"stopped by {stop.signal}" if held else sub.status or f"stopped by {stop.signal}"
-    status = _overall(rank_status, ranks)
-    end = lambda: sink.end_run(status)  # noqa: E731
+        rank_reason[rank] = None if held else sub.end_reason
+    status, reason = _overall(rank_status, rank_reason, ranks)
+    end = lambda: call_end_run(sink.end_run, status, reason)  # noqa: E731
     _write(sink, end, end, stop)
     stats = [s.stats for s in subs.values()]
     return RunSummary(info.run_id, status, handled, sum(s.gaps_repaired for s in stats),
                       sum(s.malformed_total for s in stats), skipped, rank_status, sum(s.lost for s in stats),
-                      sum(s.holes for s in stats), sorted(r for s in stats for r in s.hole_ranges))
+                      sum(s.holes for s in stats), sorted(r for s in stats for r in s.hole_ranges), reason)
 
 
-def _overall(rank_status: dict[int, str], ranks: list[int]) -> str:
-    """The run's status as a sink saw it: dead if any followed rank died (or never came), else the first
-    followed rank's (rank 0's: completed, interrupted, failed, or stopped by a signal)."""
-    if any(s in (registry.DEAD, MISSING) for s in rank_status.values()):
-        return registry.DEAD
-    return rank_status[ranks[0]]
+def _overall(rank_status: dict[int, str], rank_reason: dict[int, dict | None],
+             ranks: list[int]) -> tuple[str, dict | None]:
+    """The run's status as a sink saw it, and why: dead if any followed rank died (or never came), with the
+    first such rank's reason, else the first followed rank's (rank 0's: completed, stopped, interrupted,
+    failed, or "stopped by SIGTERM": the sink itself was)."""
+    dead = [r for r in ranks if rank_status.get(r) in (registry.DEAD, MISSING)]
+    if dead:
+        reason = rank_reason.get(dead[0])
+        if isinstance(reason, dict) and len(ranks) > 1:
+            reason = {**reason, "text": f"rank {dead[0]}: {reason.get('text')}"}
+        return registry.DEAD, reason
+    return rank_status[ranks[0]], rank_reason.get(ranks[0])
+
+
+def call_end_run(hook, status: str, reason: dict | None) -> None:
+    """`hook(status, reason)`, a sink's `end_run`; one that takes the status alone (a sink written before the
+    reason came) gets just that."""
+    try:
+        params = list(inspect.signature(hook).parameters.values())
+    except (TypeError, ValueError):  # no signature to read (a builtin): the status alone
+        params = []
+    if len(params) >= 2 or any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params):
+        hook(status, reason)
+    else:
+        hook(status)
 
 
 def run_sink(sink: Sink, run: str = "latest", start: int | str = "start", follow: bool = False,
              wait: float | None = None, dead_after: float = 5.0, argv: list[str] | None = None) -> int:
-    """The whole life of a sink process. Exit status: 0 when every run ended (completed, interrupted or
-    failed: the output is complete), 3 when a trainer died, 5 when records are missing from the output (the
+    """The whole life of a sink process. Exit status: 0 when every run ended (completed, stopped, interrupted
+    or failed: the output is complete), 3 when a trainer died, 5 when records are missing from the output (the
     trainer could not journal them and this sink missed them live, or its journal has holes), 2 when the
     output cannot be used, 7 when another sink holds it, 8 when a write failed (not for a full disk: that
     waits for room), 130/143 when stopped by a signal. `argv`: the command's arguments, for the resume

@@ -4,7 +4,9 @@ records themselves with `--json`.
 Log lines show every metric of the log (custom ones too; `fg_bus.monitor`'s order and formats), then
 progress (step/max and %), the recent step rate and the ETA. Eval lines show every eval metric. `system` lines
 come at most once per rank per `system_every` seconds (of record time: a replayed history is thinned the
-same way). A stall, its clearing and a straggler rank each get one clearly marked line. With `progress`
+same way). A stall, its clearing and a straggler rank each get one clearly marked line. The end line says
+how the run ended and why ("end: stopped: `fg-bus ctl stop` from alice@gpu1 (pid 12) at step 40"; a failure's
+innermost traceback frame on the line after; a dead run, what its follower saw). With `progress`
 on a terminal, one status line stays at the bottom (plain text, rewritten with a carriage return; cleared
 before each normal line and drawn again after it); never when piped.
 
@@ -22,7 +24,8 @@ import time
 from typing import TextIO
 
 from fg_bus import records
-from fg_bus.monitor import RunView, format_duration, format_value, metric_label, ordered_metrics
+from fg_bus.monitor import (RunView, end_text, failure_frame, format_duration, format_value, metric_label,
+                            ordered_metrics)
 
 from ._output import has_controls, json_safe_line, printable
 from .base import Sink
@@ -100,6 +103,8 @@ class TailSink(Sink):
         lines = []
         if self.events is None or record["event"] in self.events or record["event"] == records.END:
             lines.append(self._safe(self.format(record)))
+            if record["event"] == records.END:
+                lines.append(self._safe(self._failure(record)))
         if self.view.new_stragglers and (self.events is None or "warning" in self.events):
             lines += [self._safe(self._straggler(record, rank)) for rank in self.view.new_stragglers]
         lines = [line for line in lines if line]
@@ -108,9 +113,12 @@ class TailSink(Sink):
         elif self.progress and time.monotonic() - self._status_drawn >= STATUS_EVERY:
             self._draw_status()
 
-    def end_run(self, status: str) -> None:
-        self.view.set_status(status)
+    def end_run(self, status: str, reason: dict | None = None) -> None:
+        self.view.set_status(status, reason)
         self._clear_status()
+        if status == "dead" and not self.as_json and self.view.end_status is None:  # no end record to show it
+            self._emit(self._safe(f"{self._paint('dim', f'[step {self.view.global_step}]')} "
+                                  f"{self._paint('bad', 'end: ' + printable(end_text(status, reason)))}"))
 
     def close(self) -> None:
         self._clear_status()
@@ -139,7 +147,7 @@ class TailSink(Sink):
         return printable(" | ".join(parts))
 
     def _draw_status(self, flush: bool = True) -> None:
-        if not self.view.meta or self.view.status in ("ended", "failed", "dead") or self.view.end_status:
+        if not self.view.meta or self.view.ended:
             return  # before on_train_begin there is nothing to show yet; after the end, nothing more
         width = max(10, shutil.get_terminal_size((80, 24)).columns - 1)  # never the last column: no wrap
         line = self.status_line()[:width]
@@ -199,12 +207,18 @@ class TailSink(Sink):
             return f"{where} control {_fmt(record.get('cmd', '?'))} {state}{reason}"
         if event == "warning":
             return self._warning(record, where)
-        if event == records.END:  # the end record has a step but no epoch
+        if event == records.END:  # the end record has a step but no epoch: "end: stopped: `fg-bus ctl stop` ..."
             status = record.get("status", "?")
             rank = f"rank {_fmt(record.get('rank', 0))} | " if self.ranks != "0" else ""
             step = self._paint("dim", f"[{rank}step {_fmt(record.get('global_step', 0))}]")
-            return f"{step} {self._paint('save' if status == 'completed' else 'bad', 'end: ' + _fmt(status))}"
+            text = printable(end_text(status if isinstance(status, str) else "?", record.get("reason")))
+            return f"{step} {self._paint('save' if status == 'completed' else 'bad', 'end: ' + text)}"
         return f"{where} {event} {' '.join(f'{_fmt(k)}={_fmt(v)}' for k, v in metrics.items())}".rstrip()
+
+    def _failure(self, record: dict) -> str | None:
+        """After a failed run's end line: where it failed, its innermost traceback frame."""
+        frame = failure_frame(record.get("reason")) if record.get("status") == "failed" else None
+        return f"    {self._paint('dim', 'at')} {printable(frame)[:400]}" if frame else None
 
     def _log(self, record: dict, metrics: dict, where: str) -> str:
         if any(k.startswith("eval_") for k in metrics):

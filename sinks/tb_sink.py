@@ -6,7 +6,8 @@ per-step values of `on_step_end` become `train/step_loss` and `train/step_grad_n
 (`grad_norm_*` from GradLogger) go under `grad/`; the `system` records' metrics (CPU, memory, disk, GPU:
 `fg_bus._system`) under `system/`, at the step they were sampled at, with the sample's time as wall time.
 The run's `meta` is written as text (`run/meta`, with configuration, name, description, date) and
-generated samples as text (`textgen/sample_N`). NaN stays NaN.
+generated samples as text (`textgen/sample_N`), and how the run ended (`run/end`: its status and why,
+with a failure's innermost frame). NaN stays NaN.
 
 All scalars of one record go into one Event (one framing and two CRCs per record, rather than per
 scalar). A sidecar, `fg-position.json`, records the event file's size and the next seq after every flush:
@@ -34,6 +35,7 @@ from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
 from tensorboard.plugins.text.summary_v2 import text_pb
 
 from fg_bus import records
+from fg_bus.monitor import end_text, failure_frame
 from fg_bus.registry import RunInfo, write_json_atomic
 
 from ._output import AppendFile, OutputError, OutputLock, dir_mode, file_mode, make_dirs
@@ -240,6 +242,11 @@ class TensorBoardSink(Sink):
             index = record.get("prompt_index", 0)
             text = f"**{record.get('prompt', '')}**{record.get('text', '')}"
             values = list(text_pb(f"textgen/sample_{index}", text).value)
+        elif event == records.END:  # how the run ended, and why: "stopped: `fg-bus ctl stop` from alice@gpu1 ..."
+            ended = end_text(record.get("status") if isinstance(record.get("status"), str) else "?",
+                             record.get("reason"), limit=2000)
+            frame = failure_frame(record.get("reason"))
+            values = list(text_pb("run/end", ended + (f"\n\nat `{frame}`" if frame else "")).value)
         tb_event = None
         if values:
             wall = _wall_time(record)

@@ -102,6 +102,18 @@ def same(a, b) -> bool:
 
 
 T0 = 1_767_225_600.0  # 2026-01-01: the start time of hand-made runs
+#: a run's end reason as `fg-bus ctl stop` makes it (trainer/bus_callback.py _control_reason)
+CTL_STOPPED = {"text": "`fg-bus ctl stop` from alice@gpu1 (pid 4242) at step 40", "by": "ctl", "cmd": "stop",
+               "source": "fg-bus ctl", "origin": {"user": "alice", "host": "gpu1", "pid": 4242}, "step": 40}
+
+
+def failed_reason(kind: str, message: str, code: str) -> dict:
+    """A failed run's end reason with two frames, the innermost in /src/model.py's forward (raising `code`)."""
+    return {"text": f"{kind}: {message}",
+            "exception": {"type": kind, "message": message,
+                          "traceback": [{"file": "/src/trainer/trainer.py", "line": 512, "function": "train",
+                                         "code": "self._step(batch)"},
+                                        {"file": "/src/model.py", "line": 77, "function": "forward", "code": code}]}}
 
 
 def make_run(root, run_id: str, *, pid: int | None = None, status: str = "running", started: float = T0,

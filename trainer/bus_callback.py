@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 import fg_bus
-from fg_bus import registry
+from fg_bus import records, registry
 from fg_bus.publisher import Publisher, ready_now, seconds_option
 
 from . import distributed
@@ -267,7 +267,10 @@ class BusCallback(TrainerCallback):
         self._taps: _StepTaps | None = None  # in a transformers.Trainer (attach_bus): the per-step loss
         self._training = False  # between on_train_begin and on_train_end: an exit now means train() failed
         self._pinned = _PinnedRing()
-        self._end_status = registry.COMPLETED  # "interrupted" once a signal asked the run to stop
+        # How the run ends, once a control request says: "stopped" (ctl) or "interrupted" (a signal), and why
+        self._end_status: str | None = None
+        self._end_reason: dict | None = None
+        self._final: tuple[int, int, bool] | None = None  # on_train_end's (global_step, max_steps, stop flag)
         self._after_close: list = []
         #: seconds, after the end record, that the sink processes together get to finish ($FG_SINK_EXIT_TIMEOUT)
         self.after_close_timeout = float(os.environ.get("FG_SINK_EXIT_TIMEOUT", 120.0))
@@ -306,18 +309,32 @@ class BusCallback(TrainerCallback):
         return self
 
     def _close_at_exit(self) -> None:
-        status = None
         if self._training:  # train() was left by an exception: on_train_end never came
             last = getattr(sys, "last_value", None)  # an uncaught exception, set before atexit runs
-            status = registry.INTERRUPTED if isinstance(last, KeyboardInterrupt) else registry.FAILED
-        self.close(status)
+            if last is not None:
+                return self.close_with_error(last)
+            return self.close(registry.FAILED, records.end_reason("the process exited during training"))
+        self.close()
 
-    def close(self, status: str | None = None) -> None:
-        """End the run's stream with `status` (default: completed, or interrupted after a signal), then run
-        the after-close hooks (sink handles waiting for their processes), all within `after_close_timeout`
+    def close_with_error(self, error: BaseException) -> None:
+        """End the stream of a train() left by `error`: interrupted (KeyboardInterrupt: a second Ctrl-C), or
+        failed, with the exception's type, message and innermost frames."""
+        if isinstance(error, KeyboardInterrupt):
+            self.close(registry.INTERRUPTED, records.end_reason(
+                "KeyboardInterrupt (a second Ctrl-C): stopped in the middle of a step, nothing saved",
+                signal="SIGINT"))
+        else:
+            self.close(registry.FAILED, records.failure_reason(error))
+
+    def close(self, status: str | None = None, reason: dict | None = None) -> None:
+        """End the run's stream with `status` and `reason` (by default: why training ended, as this callback
+        saw it: completed, stopped by `fg-bus ctl` or a callback, interrupted by a signal), then run the
+        after-close hooks (sink handles waiting for their processes), all within `after_close_timeout`
         seconds. Idempotent."""
         if self.publisher is not None and not self.publisher.closed:
-            self.publisher.close(status or self._end_status)
+            if status is None:
+                status, reason = self.ending()
+            self.publisher.close(status, reason=reason or records.end_reason(status))
             if self in _ACTIVE:
                 _ACTIVE.remove(self)
         atexit.unregister(self._close_at_exit)
@@ -330,6 +347,37 @@ class BusCallback(TrainerCallback):
         """Call `hook(deadline)` once the stream has ended (the end record is out); `deadline` is a
         time.monotonic() value shared by all hooks, past which a hook must give up waiting."""
         self._after_close.append(hook)
+
+    def ending(self) -> tuple[str, dict]:
+        """(status, reason) of a run whose train() returned: what a control request said (ctl, a signal),
+        else the callback that set `should_training_stop` (our Trainer's CallbackHandler names it), else
+        completed."""
+        if self._end_status is not None:
+            return self._end_status, self._end_reason
+        if self._final is None:
+            if self._training:  # closed from inside train(): it did not reach its end
+                return registry.STOPPED, records.end_reason("the stream was closed during training", by="close")
+            return registry.COMPLETED, records.end_reason("no training (evaluate / predict only)")
+        step, max_steps, stop_flag = self._final
+        handler = getattr(self.trainer, "callback_handler", None)
+        stopped_by = getattr(handler, "stopped_by", None)
+        if stopped_by is not None and type(stopped_by[0]).__name__ not in ("DefaultFlowCallback", "BusCallback"):
+            callback, event = stopped_by
+            name = type(callback).__name__
+            why = getattr(callback, "stop_reason", None)
+            return registry.STOPPED, records.end_reason(
+                f"{name} stopped training at step {step}" + (f": {why}" if isinstance(why, str) and why else ""),
+                by="callback", callback=name, event=event, step=step)
+        if stop_flag and max_steps and step < max_steps:
+            world = self.publisher.world_size if self.publisher is not None else 1
+            who = "another rank asked to stop (agreed over the ranks)" if world > 1 and handler is not None \
+                else "a callback set should_training_stop"
+            return registry.STOPPED, records.end_reason(f"{who} at step {step} of {max_steps}", by="rank"
+                                                        if world > 1 and handler is not None else "callback",
+                                                        step=step)
+        return registry.COMPLETED, records.end_reason(
+            f"reached max_steps ({max_steps})" if max_steps and step >= max_steps else f"ran to the end (step {step})",
+            step=step)
 
     @property
     def run_id(self) -> str | None:
@@ -370,6 +418,7 @@ class BusCallback(TrainerCallback):
         # or the process's exit ends it.
         self._publish("on_train_end", args, state)
         self._training = False
+        self._final = (state.global_step, state.max_steps, bool(control.should_training_stop))
 
     def on_epoch_begin(self, args, state, control, **kwargs):
         self._publish("on_epoch_begin", args, state)
@@ -451,8 +500,8 @@ class BusCallback(TrainerCallback):
     def _apply_control(self, args, state, control) -> None:
         for request in self.publisher.control_requests():
             cmd = request["cmd"]
-            if request.get("source", "").startswith("signal"):
-                self._end_status = registry.INTERRUPTED
+            if cmd in ("stop", "save-and-stop", "abort") and self._end_status is None:
+                self._end_status, self._end_reason = _control_reason(request, state.global_step)
             if cmd in ("stop", "save-and-stop"):
                 control.should_training_stop = True
             if cmd in ("save", "save-and-stop") or (cmd == "stop" and args.save_strategy != SaveStrategy.NO):
@@ -481,3 +530,17 @@ class BusCallback(TrainerCallback):
 
     def on_prediction_step(self, args, state, control, **kwargs):
         self._publish("on_prediction_step", args, state)
+
+
+def _control_reason(request: dict, step: int) -> tuple[str, dict]:
+    """A stopping control request as the run's end: interrupted (a signal) or stopped (`fg-bus ctl`, top)."""
+    source = request.get("source") or ""
+    if source.startswith("signal "):
+        name = source.split(" ", 1)[1]
+        return registry.INTERRUPTED, records.end_reason(f"{name} at step {step}", signal=name, step=step)
+    origin = request.get("origin") or {}
+    who = f"{origin.get('user', '?')}@{origin.get('host', '?')}" if origin else ""
+    command = f"{source} {request['cmd']}" if source.startswith("fg-bus") else request["cmd"]
+    return registry.STOPPED, records.end_reason(
+        f"`{command}`" + (f" from {who}" + (f" (pid {origin['pid']})" if "pid" in origin else "") if who else "")
+        + f" at step {step}", by="ctl", cmd=request["cmd"], source=source or None, origin=origin or None, step=step)

@@ -118,6 +118,8 @@ class CallbackHandler(TrainerCallback):
         self.lr_scheduler = lr_scheduler
         self.train_dataloader = None
         self.eval_dataloader = None
+        #: (callback, event) that first set `should_training_stop` in this train() (the Trainer resets it)
+        self.stopped_by: tuple | None = None
         if not any(type(cb).__name__ == "DefaultFlowCallback" for cb in self.callbacks):
             logger.warning(
                 "There is no DefaultFlowCallback among the callbacks, so logging, evaluation and saving will "
@@ -215,6 +217,7 @@ class CallbackHandler(TrainerCallback):
 
     def call_event(self, event: str, args, state, control, **kwargs):
         # Iterate over a copy: a callback may add or remove callbacks while the event is dispatched.
+        stopping = control.should_training_stop
         for callback in tuple(self.callbacks):
             result = getattr(callback, event)(
                 args,
@@ -230,6 +233,8 @@ class CallbackHandler(TrainerCallback):
             )
             if result is not None:
                 control = result
+            if not stopping and control.should_training_stop:  # who stopped training: the run's end reason
+                stopping, self.stopped_by = True, (callback, event)
         return control
 
 

@@ -192,6 +192,9 @@ class EarlyStoppingCallback(TrainerCallback, ExportableState):
             self.early_stopping_patience_counter += 1
         if self.early_stopping_patience_counter >= self.early_stopping_patience:
             control.should_training_stop = True
+            # the run's end reason (fg-bus: BusCallback.ending); transformers' callback has no such attribute
+            self.stop_reason = (f"{args.metric_for_best_model} did not improve for {self.early_stopping_patience} "
+                                "evaluations")
 
     def state(self) -> dict:
         return {

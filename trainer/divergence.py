@@ -82,6 +82,7 @@ class DivergenceDetector(TrainerCallback, ExportableState):
         self.alerts = 0  # alerts raised so far
         self.triggered: str | None = None  # the kind of the episode alerted, until the values come back
         self.aborted = False  # this run was aborted: nothing more is saved
+        self.stop_reason: str | None = None  # why it stopped training (the run's end reason shows it)
 
     # -- checkpoints ---------------------------------------------------------------------------------------
 
@@ -165,6 +166,8 @@ class DivergenceDetector(TrainerCallback, ExportableState):
         logger.warning("DivergenceDetector: %s: %s; %s", kind, message, consequence)
         if control is not None:
             self._act(control)
+            if self.action != "warn":
+                self.stop_reason = f"{kind}: {message}"  # the run's end reason names it (BusCallback.ending)
         bus = active_bus() if publish else None
         if bus is not None:
             bus.publisher.publish("alert", step, epoch, kind=kind, message=message, value=value, ema=self.ema,

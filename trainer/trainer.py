@@ -85,6 +85,7 @@ class Trainer(DataMixin, EvaluationMixin, CheckpointMixin, OptimizerMixin):
 
         progress = PrinterCallback if self.args.disable_tqdm else ProgressCallback
         self.event_bus = event_bus
+        self.is_in_train = False  # as transformers': True from train() on, False again once it returned
         if event_bus is not None and hasattr(event_bus, "trainer"):
             event_bus.trainer = self  # it reads step_loss / step_grad_norm at on_step_end
         defaults, jit = self._integration_callbacks()
@@ -182,12 +183,13 @@ class Trainer(DataMixin, EvaluationMixin, CheckpointMixin, OptimizerMixin):
         if trial is not None:
             raise ValueError("hyperparameter search (trial=) is not supported by this Trainer")
         self._ignore_keys_for_eval = ignore_keys_for_eval
+        self.is_in_train = True
         try:
             return self._train(resume_from_checkpoint)
         except BaseException as e:
             # The event bus, if any, ends the run's stream with the reason instead of going silent.
-            if self.event_bus is not None and hasattr(self.event_bus, "close"):
-                self.event_bus.close("interrupted" if isinstance(e, KeyboardInterrupt) else "failed")
+            if self.event_bus is not None:
+                self.event_bus.close_with_error(e)
             raise
 
     def _train(self, resume_from_checkpoint) -> TrainOutput:
@@ -243,6 +245,7 @@ class Trainer(DataMixin, EvaluationMixin, CheckpointMixin, OptimizerMixin):
         self._total_loss_scalar = 0.0
         self._globalstep_last_logged = self.state.global_step
         self.model.zero_grad(set_to_none=True)
+        self.callback_handler.stopped_by = None  # who stops this train(), for the run's end reason
         self.control.should_abort = False  # `fg-bus ctl RUN abort` sets it: stop, saving nothing (below)
 
         self.control = self.callback_handler.on_train_begin(args, self.state, self.control,
@@ -620,6 +623,7 @@ class Trainer(DataMixin, EvaluationMixin, CheckpointMixin, OptimizerMixin):
             ckpt.load_model_weights(self.model, self.state.best_model_checkpoint)
         self._delete_checkpoints_at_train_end()  # save_total_limit=1 with a best checkpoint: only it stays
         self.control = self.callback_handler.on_train_end(self.args, self.state, self.control)
+        self.is_in_train = False
         return TrainOutput(self.state.global_step, train_loss, metrics)
 
 

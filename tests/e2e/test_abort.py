@@ -1,13 +1,18 @@
 """`fg-bus ctl RUN abort` on a real fg-train: it stops at the next step boundary and saves nothing (no
 checkpoint at that step although its save cadence asks for one at every step, no final model), and the
-control record says it was applied. The same run shows two other things of a run's start: its run id
+control record says it was applied, and every follower says how the run ended and why (`fg-bus ls`, its
+--json, `fg-bus cat`, `fg-sink tail`: stopped by `fg-bus ctl abort`, from whom). The same run shows two other
+things of a run's start: its run id
 carries one timestamp (its output dir's name already holds one), and fg-train removes what a dead run left
 behind (the socket directory of a real Publisher killed with SIGKILL)."""
 
 from __future__ import annotations
 
+import getpass
+import json
 import os
 import re
+import socket
 import shutil
 import subprocess
 import sys
@@ -97,6 +102,31 @@ def test_ctl_abort_stops_at_a_step_boundary_saving_nothing(env, tmp_path):
     assert not (out / "model.safetensors").exists() and not (out / "trainer_state.json").exists()
     assert records[-1]["event"] == "end"
     assert [r["event"] for r in records if r["event"] == "on_train_end"] == ["on_train_end"]
+
+    # How it ended, as every follower shows it: stopped, by `fg-bus ctl abort`, from this user here.
+    assert records[-1]["status"] == "stopped"
+    why = (f"`fg-bus ctl abort` from {getpass.getuser()}@{socket.gethostname()} (pid "
+           f"{records[-1]['reason']['origin']['pid']}) at step {step}")
+    assert records[-1]["reason"]["text"] == why, records[-1]
+    listed = subprocess.run([str(BIN / "fg-bus"), "ls", "--json"], capture_output=True, text=True, timeout=120,
+                            env=env)
+    row = next(r for r in json.loads(listed.stdout) if r["run_id"] == info.run_id)
+    assert row["status"] == "stopped" and row["end_reason"]["by"] == "ctl", row
+    assert row["end_reason"]["cmd"] == "abort" and row["end_reason"]["source"] == "fg-bus ctl"
+    assert row["end_reason"]["origin"]["user"] == getpass.getuser() == records[-1]["reason"]["origin"]["user"]
+    assert row["end_reason"]["origin"]["host"] == socket.gethostname()
+    table = subprocess.run([str(BIN / "fg-bus"), "ls"], capture_output=True, text=True, timeout=120, env=env)
+    line = next(line for line in table.stdout.splitlines() if line.startswith(info.run_id))
+    assert line.split()[1] == "stopped" and "`fg-bus ctl abort` from " in line, table.stdout
+    cat = subprocess.run([str(BIN / "fg-bus"), "cat", info.run_id], capture_output=True, text=True, timeout=120,
+                         env=env)
+    assert cat.returncode == 0 and cat.stderr.splitlines()[-1] == f"fg-bus: run {info.run_id} stopped: {why}", \
+        cat.stderr
+    tail = subprocess.run([str(BIN / "fg-sink"), "tail", "--run", str(out)], capture_output=True, text=True,
+                          timeout=120, env=env)
+    assert tail.returncode == 0, tail.stderr
+    assert tail.stdout.splitlines()[-1] == f"[step {step}] end: stopped: {why}", tail.stdout[-2000:]
+    assert f"fg-sink tail: run {info.run_id} stopped: {why}; " in tail.stderr, tail.stderr
 
     # At its start fg-train removed the dead run's socket dir, said so in one line; its own is gone too.
     assert not dead_sockets.exists()

@@ -79,7 +79,8 @@ def test_a_killed_trainer_raises_one_alert_once(tmp_path, fg_home):
         _, err = sink.communicate(timeout=WAIT)
         assert sink.returncode == 3, err  # the trainer died: the runner's exit status, alert or not
         assert [b["rule"] for b in hook.bodies] == ["run-end"], err
-        assert hook.bodies[0]["details"] == {"status": "dead"} and hook.bodies[0]["run"] == run_id
+        gone = {"text": f"its process (pid {train.pid}) is gone without ending the run"}
+        assert hook.bodies[0]["details"] == {"status": "dead", "reason": gone} and hook.bodies[0]["run"] == run_id
         assert sum("ALERT [run-end]" in line for line in err.splitlines()) == 1, err
         logged = (out / "alerts" / f"{run_id}.jsonl").read_text().splitlines()
         assert [json.loads(line)["key"] for line in logged] == [hook.bodies[0]["key"]]

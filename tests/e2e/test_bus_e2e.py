@@ -202,6 +202,7 @@ def test_a_killed_trainer_is_reported_dead_and_its_journal_reads_back(train, fg_
         got += sub.poll(1.0)
         assert time.monotonic() - killed < 15, "not reported dead within a few heartbeats"
     assert sub.status == "dead"
+    assert sub.end_reason == {"text": f"its process (pid {t.proc.pid}) is gone without ending the run"}
     print(f"reported dead {time.monotonic() - killed:.1f} s after SIGKILL")
     on_disk = journal(info)
     assert contiguous(on_disk) and len(on_disk) >= 300
@@ -226,7 +227,8 @@ def test_fg_bus_ctl_stop_stops_at_a_step_boundary_with_a_final_checkpoint(train)
     step = applied[0]["global_step"]
     assert f"at step {step}" in ctl.stdout
     assert (t.out / f"checkpoint-{step}" / "trainer_state.json").is_file()
-    assert records[-1]["event"] == "end" and records[-1]["status"] == "completed"
+    assert records[-1]["event"] == "end" and records[-1]["status"] == "stopped"
+    assert records[-1]["reason"]["cmd"] == "stop" and records[-1]["reason"]["source"] == "fg-bus ctl"
     assert [r["event"] for r in records[-2:]] == ["on_train_end", "end"]
     assert max(r["global_step"] or 0 for r in records) == step  # no step after the one that saw the stop
 
@@ -244,7 +246,7 @@ def test_ctrl_c_finishes_the_step_saves_and_ends_the_stream_as_interrupted_with_
     step = records[-1]["global_step"]
     assert (t.out / f"checkpoint-{step}").is_dir()
     assert "--resume" in t.output()
-    assert registry.load_run(info.bus_dir).status == "ended"
+    assert registry.load_run(info.bus_dir).status == "interrupted"
     log = t.out / "logs" / f"{info.run_id}.jsonl"
     assert [json.loads(line) for line in log.read_bytes().splitlines()] == json.loads(json.dumps(records))
 

@@ -84,7 +84,12 @@ def test_a_stop_raised_on_rank_1_only_stops_both_ranks_at_the_same_step(fg_home,
         journal = list(read_journal(info.journal_path(rank)))
         steps = [r["global_step"] for r in journal if r["event"] == "on_step_end"]
         assert steps == list(range(1, 8)), (rank, steps)
-        assert journal[-1]["status"] == "completed"
+        # the run's end says who stopped it: the callback on rank 1; rank 0 followed the ranks' agreement
+        end = journal[-1]
+        assert end["status"] == "stopped" and end["reason"]["by"] == ("callback" if rank else "rank"), end
+        if rank:
+            assert end["reason"]["callback"] == "StopOnOneRank" and end["reason"]["step"] == 7
+    assert info.status == "stopped" and "another rank asked to stop" in info.end_reason["text"]
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["global_step"] == 7
 

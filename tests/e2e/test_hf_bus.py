@@ -258,3 +258,39 @@ def test_a_char_tokenizer_travels_with_the_snapshots(tmp_path):
     assert description == {"factory": "trainer.data:CharTokenizer", "path": str(tmp_path / "tokenizer")}
     rebuilt = build_tokenizer(description)
     assert rebuilt.itos == tokenizer.itos and rebuilt.encode("memory?") == tokenizer.encode("memory?")
+
+
+FAILING_SCRIPT = '''
+import sys
+import transformers
+from trainer import TrainerCallback, attach_bus  # imported before tests/ is on the path (tests/trainer shadows it)
+sys.path.append(sys.argv[2])  # tests/, for conftest's tiny model
+from conftest import RegressionDataset, TinyRegression
+
+class Boom(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 2:
+            raise RuntimeError("boom at step 2")
+
+args = transformers.TrainingArguments(output_dir=sys.argv[1], max_steps=5, use_cpu=True, report_to="none",
+                                      disable_tqdm=True, save_strategy="no", per_device_train_batch_size=2)
+trainer = transformers.Trainer(model=TinyRegression(), args=args, train_dataset=RegressionDataset(8),
+                               callbacks=[Boom()])
+attach_bus(trainer)
+trainer.train()  # raises: nothing closes the bus but the process's exit
+'''
+
+
+def test_a_transformers_process_that_dies_of_an_exception_ends_the_run_failed_with_it(fg_home, tmp_path):
+    (tmp_path / "run.py").write_text(FAILING_SCRIPT, encoding="utf-8")
+    proc = subprocess.run([sys.executable, str(tmp_path / "run.py"), str(tmp_path / "out"),
+                           str(Path(__file__).parents[1])], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "FG_HOME": str(fg_home), "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 1 and "RuntimeError: boom at step 2" in proc.stderr, proc.stderr
+    [run_file] = (tmp_path / "out" / "fg-bus").glob("*/run.json")
+    info = registry.load_run(run_file.parent)
+    end = list(read_journal(info.journal_path()))[-1]
+    assert end["event"] == "end" and end["status"] == info.status == "failed"
+    assert end["reason"] == info.end_reason and end["reason"]["text"] == "RuntimeError: boom at step 2"
+    frames = end["reason"]["exception"]["traceback"]
+    assert frames[-1]["function"] == "on_step_end" and frames[-1]["file"].endswith("run.py")

@@ -83,7 +83,7 @@ def test_a_hung_step_makes_the_run_stalled_then_healthy_and_system_records_reach
     assert cleared and cleared[0]["global_step"] == HOLD_STEP and cleared[0]["stalled_for"] >= stalled["stalled_for"]
     kinds = [w["kind"] for w in records if w["event"] == "warning" and w.get("kind", "").startswith("stall")]
     assert kinds == ["stalled", "stall-cleared"] * (len(kinds) // 2)  # each stall cleared, before the next
-    assert ls_status(env, run_id) == "ended"
+    assert ls_status(env, run_id) == "completed"
     final = registry.load_run(bus_dir).data
     assert final["stalled_since"] is None and final["progress"]["global_step"] == 40
     assert final["progress"]["best_eval"]["name"] == "eval_loss" and final["progress"]["last_loss"] > 0

@@ -100,11 +100,13 @@ def test_sinks_started_before_the_run_write_complete_outputs(fg_home, tmp_path):
     text = texts(run_tb)
     assert "run/meta" in text and "trainer.chargpt:CharGPT" in text["run/meta"][0]
     assert any(samples[0]["text"] in t for t in text["textgen/sample_0"])
+    assert text["run/end"] == ["completed: reached max_steps (300)"]  # how the run ended
 
     tail_out = tail_sink.stdout.read().decode()
     assert "loss" in tail_out and "saved" in tail_out and "end: completed" in tail_out and "sample" in tail_out
     assert "\033[" not in tail_out  # piped: no colour
-    assert f"run {info.run_id} completed: {len(journal)} records handled" in errors["json"]
+    assert f"run {info.run_id} completed: reached max_steps " in errors["json"]
+    assert f"; {len(journal)} records handled" in errors["json"]
 
 
 def test_a_sink_started_after_the_run_began_still_writes_the_whole_run(fg_home, tmp_path):
@@ -124,6 +126,6 @@ def test_fg_train_with_sinks_tail_shows_the_run_in_its_own_terminal(fg_home, tmp
                           capture_output=True, text=True, timeout=180, env=env(fg_home))
     assert proc.returncode == 0, proc.stderr
     lines = [line for line in proc.stdout.splitlines() if line.startswith("[step")]
-    assert any("loss" in line for line in lines) and lines[-1].endswith("end: completed")
+    assert any("loss" in line for line in lines) and lines[-1].endswith("end: completed: reached max_steps (30)")
     assert "it/s" not in proc.stderr and "step/s]" not in proc.stderr  # no progress bar beside the tail
     assert list((tmp_path / "run" / "logs").glob("*.jsonl"))

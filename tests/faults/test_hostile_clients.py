@@ -151,10 +151,11 @@ def test_a_trainer_flooded_by_a_replay_client_that_never_reads_loses_nothing(fg_
             train.wait(10)
     journal = list(read_journal(bus / "journal.rank0.jsonl"))
     assert seqs(journal) == list(range(len(journal))) and journal[-1]["event"] == "end"
-    assert journal[-1]["status"] == "completed" and "incomplete" not in journal[-1]
-    assert seqs(got) == seqs(journal) and sub.status == "completed"  # a normal subscriber gets every record
+    assert journal[-1]["status"] == "stopped" and "incomplete" not in journal[-1]  # by the ctl stop above
+    assert journal[-1]["reason"]["by"] == "ctl" and journal[-1]["reason"]["cmd"] == "stop"
+    assert seqs(got) == seqs(journal) and sub.status == "stopped"  # a normal subscriber gets every record
     final = run_json(bus)
-    assert final["status"] == "completed" and not final.get("incomplete") and final.get("bus_errors") == 0
+    assert final["status"] == "stopped" and not final.get("incomplete") and final.get("bus_errors") == 0
 
 
 # -- the file system: the live journal deleted ----------------------------------------------------------------

@@ -91,7 +91,7 @@ def test_ls_table(fg_home, four_runs):
     assert "RUN DIR" in lines[0]
     body = lines[1:]
     assert len(body) == 4
-    expected = [("live", "live"), ("dead", "dead"), ("ended", "ended"), ("failed", "failed")]  # oldest first
+    expected = [("live", "live"), ("dead", "dead"), ("ended", "completed"), ("failed", "failed")]  # oldest first
     for line, (key, status) in zip(body, expected):
         info = four_runs[key]
         cells = line.split()
@@ -114,10 +114,10 @@ def test_ls_json(fg_home, four_runs):
     rows = json.loads(proc.stdout)
     assert isinstance(rows, list) and len(rows) == 4
     for row in rows:
-        assert set(row) == {"run_id", "status", "pid", "started", "last_step", "run_dir", "max_steps", "progress",
-                            "steps_per_second", "eta_s", "last_loss", "best_eval", "stalled_since"}
+        assert set(row) == {"run_id", "status", "end_reason", "pid", "started", "last_step", "run_dir", "max_steps",
+                            "progress", "steps_per_second", "eta_s", "last_loss", "best_eval", "stalled_since"}
     by_id = {row["run_id"]: row for row in rows}
-    for key, status in [("live", "live"), ("dead", "dead"), ("ended", "ended"), ("failed", "failed")]:
+    for key, status in [("live", "live"), ("dead", "dead"), ("ended", "completed"), ("failed", "failed")]:
         info = four_runs[key]
         row = by_id[info.run_id]
         assert row["status"] == status

@@ -37,7 +37,8 @@ def table(fg_home: Path) -> dict[str, dict[str, str]]:
     proc = fg_bus(fg_home, "ls")
     assert proc.returncode == 0 and not proc.stderr, explain(proc)
     header, *body = proc.stdout.splitlines()
-    names = ["RUN", "STATUS", "PID", "STARTED", "STEP", "DONE", "STEP/S", "ETA", "LOSS", "BEST EVAL", "RUN DIR"]
+    names = ["RUN", "STATUS", "PID", "STARTED", "STEP", "DONE", "STEP/S", "ETA", "LOSS", "BEST EVAL", "END",
+             "RUN DIR"]
     starts = [header.index(name) for name in names]
     assert starts == sorted(starts), header
     rows = {}
@@ -60,11 +61,12 @@ def test_ls_shows_progress_rate_eta_loss_and_best_eval(fg_home, tmp_path):
     rows = table(fg_home)
     assert rows[live.run_id] | {"PID": "", "STARTED": "", "RUN DIR": ""} == {
         "RUN": live.run_id, "STATUS": "live", "PID": "", "STARTED": "", "STEP": "250/1000", "DONE": "25%",
-        "STEP/S": "12.5", "ETA": "1m00s", "LOSS": "2.346", "BEST EVAL": "eval_loss=2.5@200", "RUN DIR": ""}
+        "STEP/S": "12.5", "ETA": "1m00s", "LOSS": "2.346", "BEST EVAL": "eval_loss=2.5@200", "END": "-",
+        "RUN DIR": ""}
     assert rows[stalled.run_id]["STATUS"] == "stalled" and rows[stalled.run_id]["DONE"] == "25%"
-    # an ended run: its progress, but no time left
+    # an ended run: its progress, but no time left; a run.json from before reasons has no END to show
     assert (rows[ended.run_id]["STATUS"], rows[ended.run_id]["STEP"], rows[ended.run_id]["DONE"],
-            rows[ended.run_id]["ETA"]) == ("ended", "1000/1000", "100%", "-")
+            rows[ended.run_id]["ETA"], rows[ended.run_id]["END"]) == ("completed", "1000/1000", "100%", "-", "-")
     # a run from before the progress key, and one whose progress is of the wrong shape: "-"
     for info, step in ((old, "40"), (odd, "5")):
         row = rows[info.run_id]
@@ -105,7 +107,7 @@ def test_ls_of_a_real_run_live_then_ended(fg_home, tmp_path):
         assert row["best_eval"]["name"] == "eval_loss" and row["best_eval"]["step"] % 50 == 0
         cells = table(fg_home)[row["run_id"]]
         assert cells["STEP"].endswith("/100000") and cells["DONE"].endswith("%") and cells["ETA"] != "-"
-        proc.send_signal(signal.SIGTERM)  # stops at a step boundary: the run ends "interrupted"
+        proc.send_signal(signal.SIGTERM)  # stops at a step boundary: the run ends "interrupted", naming it
         assert proc.wait(180) == 0 or proc.returncode in (130, 143), (tmp_path / "train.log").read_text()
     finally:
         if proc.poll() is None:
@@ -113,4 +115,5 @@ def test_ls_of_a_real_run_live_then_ended(fg_home, tmp_path):
             proc.wait(10)
         log.close()
     cells = table(fg_home)[row["run_id"]]
-    assert cells["STATUS"] == "ended" and cells["ETA"] == "-" and cells["LOSS"] != "-", cells
+    assert cells["STATUS"] == "interrupted" and cells["ETA"] == "-" and cells["LOSS"] != "-", cells
+    assert cells["END"].startswith("SIGTERM at step "), cells

@@ -174,7 +174,7 @@ def test_the_end_and_the_final_log():
     recs.append(s.rec("on_train_end", 60))
     recs.append(s.rec("end", 60, status="completed"))
     view = feed(RunView(), recs)
-    assert view.status == "ended" and view.end_status == "completed" and view.progress == 1.0
+    assert view.status == "completed" and view.end_status == "completed" and view.progress == 1.0
     assert view.eta_s is None
     assert view.final["train_loss"] == 4.3 and "train_loss" not in view.latest
     assert [kind for _, kind, _ in view.events][-2:] == ["save", "end"]

@@ -156,7 +156,7 @@ def test_an_ended_run_reads_from_its_journal_without_a_trainer(publisher):
     got = drain(sub)
     assert seqs(got) == list(range(10, 31))
     assert sub.status == "interrupted"
-    assert registry.resolve(publisher.run_id).status == "ended"
+    assert registry.resolve(publisher.run_id).status == "interrupted"
 
 
 def test_inbox_control_is_acknowledged_and_bad_messages_are_refused(publisher):

@@ -113,13 +113,13 @@ def test_status_of_runs(fg_home, tmp_path):
     failed = make_run(out, "failed-1", status=registry.FAILED, pid=dead_pid(), started=T0 + 5)
     assert live.status == "live" and live.is_live
     assert dead.status == registry.DEAD and not dead.is_live
-    assert completed.status == "ended" and not completed.is_live
-    assert interrupted.status == "ended"
+    assert completed.status == "completed" and not completed.is_live
+    assert interrupted.status == "interrupted"
     assert failed.status == "failed" and not failed.is_live
     # the same, read back from disk through the registry
     statuses = {r.run_id: r.status for r in registry.list_runs()}
-    assert statuses == {"live-1": "live", "dead-1": "dead", "completed-1": "ended", "interrupted-1": "ended",
-                        "failed-1": "failed"}
+    assert statuses == {"live-1": "live", "dead-1": "dead", "completed-1": "completed",
+                        "interrupted-1": "interrupted", "failed-1": "failed"}
     assert live.reload().data == live.data
     assert live.journal_path() == live.bus_dir / "journal.rank0.jsonl"
     assert live.journal_path(3) == live.bus_dir / "journal.rank3.jsonl"

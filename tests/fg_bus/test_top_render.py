@@ -165,7 +165,7 @@ def test_a_live_run_whose_run_file_says_stalled_shows_stalled_first_in_the_table
                       heartbeat=time.time(), stalled_since=time.time() - 300, ended=None, started=2.0)
     board = dashboard(ended, stalled)
     lines = draw(board.frame(100, None, keys=False), 100).splitlines()
-    assert lines[2].startswith("hung-") and " stalled " in lines[2] and " ended " in lines[3], "\n".join(lines)
+    assert lines[2].startswith("hung-") and " stalled " in lines[2] and " completed " in lines[3], "\n".join(lines)
 
 
 def test_chart_range_ignores_a_far_first_value_and_marks_it():

@@ -76,4 +76,4 @@ def test_follow_stays_for_the_next_run_and_sigterm_stops_it_cleanly(tmp_path, fg
     sink.send_signal(signal.SIGTERM)
     assert sink.wait(15) == 128 + signal.SIGTERM
     err = sink.stderr.read().decode()
-    assert all(f"run {r} completed: 6 records handled" in err for r in runs)
+    assert all(f"run {r} completed; 6 records handled" in err for r in runs)

@@ -113,7 +113,7 @@ def test_a_run_read_back_with_tensorboard(tmp_path):
     assert not any("epoch" in tag or "flos" in tag for tag in scalars)
     # a scalar's wall time is the record's timestamp
     assert ea.Scalars("train/loss")[0].wall_time == datetime.fromisoformat(a_run()[4]["timestamp"]).timestamp()
-    assert sink.scalars_written == sum(len(v[0]) for v in expected.values()) + 2  # + the two texts
+    assert sink.scalars_written == sum(len(v[0]) for v in expected.values()) + 3  # + the three texts
 
 
 def test_meta_and_samples_are_text(tmp_path):
@@ -144,7 +144,7 @@ def test_samples_per_prompt_and_odd_metrics(tmp_path):
     assert set(ea.Tags()["scalars"]) == {"train/loss", "test/loss", "grad/grad_norm_max", "eval/accuracy",
                                          "train/count", "grad/grad_norm_mean"}
     assert points(ea, "train/count") == ([1], [3.0])
-    assert set(ea.Tags()["tensors"]) == {"textgen/sample_0", "textgen/sample_1"}
+    assert set(ea.Tags()["tensors"]) == {"textgen/sample_0", "textgen/sample_1", "run/end"}
     assert "d" in text(ea, "textgen/sample_1")
 
 

@@ -44,7 +44,7 @@ def ended_run(fg_home, tmp_path) -> tuple[Path, RunInfo]:
                            "--no-progress"], env=env(fg_home), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, explain(proc)
     info = registry.resolve(out)
-    assert info.status == "ended"
+    assert info.status == "completed"
     return out, info
 
 
@@ -63,7 +63,7 @@ def test_csv_sink_through_fg_sink_writes_one_row_per_log(fg_home, tmp_path, ende
                           env=env(fg_home, PYTHONPATH=str(EXAMPLES)), capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, explain(proc)
     journal = list(read_journal(info.journal_path()))
-    assert f"run {info.run_id} completed: {len(journal)} records handled" in proc.stderr
+    assert f"run {info.run_id} completed: reached max_steps (20); {len(journal)} records handled" in proc.stderr
 
     logs = [r for r in journal if r["event"] == "on_log"]
     header, rows = read_csv(target)
