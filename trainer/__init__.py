@@ -9,11 +9,12 @@ from .divergence import DivergenceDetector
 from .default_callbacks import EarlyStoppingCallback, InfoCallback, PrinterCallback, ProgressCallback
 from .state import ExportableState, TrainerControl, TrainerState
 from .bus_callback import BusCallback, attach_bus
-from .sink_callbacks import GradLogger, JsonLogger, TailLogger, TBLogger, TextgenCallback
+from .sink_callbacks import AlertLogger, GradLogger, JsonLogger, TailLogger, TBLogger, TextgenCallback
 from .trainer import Trainer
 from .training_args import IntervalStrategy, SaveStrategy, SchedulerType, TrainingArguments
 
 __all__ = [
+    "AlertLogger",
     "BusCallback",
     "GradLogger",
     "JsonLogger",

@@ -4,13 +4,21 @@ each trainer resumes from the other's checkpoints.
 The model (`save_pretrained` for a transformers model, else `model.safetensors`), `training_args.bin`,
 `optimizer.pt`, `scheduler.pt`, `rng_state.pth` (transformers' format: python / numpy / cpu / cuda
 states), `trainer_state.json`. Ours besides, which transformers ignores: `data_position.json` (resume at
-another world size), `training_args.json` (the args, readable without unpickling) and `checksums.json`.
+another world size), `training_args.json` (the args, readable without unpickling), `fg_run.json` (the
+run marker: the lineage of runs the checkpoint belongs to, see below) and `checksums.json`.
 
 Every file we read back loads with `weights_only=True` (the RNG file with transformers' allowlist of
 numpy classes, nothing more). `checksums.json` holds the sha256 of every other file, written when the
 checkpoint is complete and checked before a resume: a torch file with flipped bytes in its tensor data
 still loads (as NaN weights), so only a checksum catches it. Every load error is a CheckpointError
 naming the file.
+
+Lineages. A fresh train() starts a lineage (its id: the bus's run id when there is one, else a new id); a
+train() resumed from one of our checkpoints carries on that checkpoint's lineage. `fg_run.json` records it
+(a file of its own: transformers' TrainerState.load_from_json refuses unknown keys in trainer_state.json).
+Rotation (`save_total_limit`) and the end-of-training clean-up only delete checkpoints of the lineage being
+trained; checkpoints of other runs, and those without a marker (transformers', or ours before markers),
+are never deleted. In a directory only this lineage wrote, that is transformers' rule exactly.
 """
 
 from __future__ import annotations
@@ -21,8 +29,10 @@ import logging
 import os
 import random
 import re
+import secrets
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +53,9 @@ RNG_STATE_NAME = "rng_state.pth"
 DATA_POSITION_NAME = "data_position.json"  # ours: lets a run resume at another world size
 TRAINING_ARGS_JSON_NAME = "training_args.json"  # ours: the args as JSON
 CHECKSUMS_NAME = "checksums.json"  # ours: sha256 of every other file of the checkpoint
-OUR_EXTRA_FILES = frozenset({DATA_POSITION_NAME, TRAINING_ARGS_JSON_NAME, CHECKSUMS_NAME})
+RUN_MARKER_NAME = "fg_run.json"  # ours: which run (lineage) wrote the checkpoint, and when
+OUR_EXTRA_FILES = frozenset({DATA_POSITION_NAME, TRAINING_ARGS_JSON_NAME, CHECKSUMS_NAME, RUN_MARKER_NAME})
+RUN_MARKER_FORMAT = "fg-run/1"
 _CHECKPOINT_RE = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 
 
@@ -354,23 +366,67 @@ def read_json(path: Path):
         raise _damaged(path, f"is not valid JSON ({e})") from None
 
 
+# -- the run marker: fg_run.json --------------------------------------------------------------------------
+
+def new_lineage(run_id: str | None = None) -> str:
+    """A lineage id: the run id of the run that starts it when there is one, else a fresh `run-TIME-HEX`."""
+    return run_id or f"run-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(4)}"
+
+
+def write_run_marker(directory: Path, lineage: str, run_id: str | None, global_step: int,
+                     max_steps: int | None) -> None:
+    """`fg_run.json`: the checkpoint's lineage, the run that saved it (the bus's run id, if any), its step
+    and the run's max_steps, and when it was saved (seconds since the epoch, and ISO 8601 UTC)."""
+    now = time.time()
+    marker = {"format": RUN_MARKER_FORMAT, "lineage": lineage, "run": run_id, "global_step": global_step,
+              "max_steps": max_steps, "saved_at": now,
+              "saved": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))}
+    (Path(directory) / RUN_MARKER_NAME).write_text(json.dumps(marker, indent=1), encoding="utf-8")
+
+
+def read_run_marker(directory: str | os.PathLike) -> dict | None:
+    """The checkpoint's run marker, or None: no marker (transformers', or saved before markers), or one
+    that is not ours or cannot be read (such a checkpoint belongs to no lineage: never rotated away)."""
+    path = Path(directory) / RUN_MARKER_NAME
+    try:
+        marker = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        logger.warning("%s cannot be read (%s): the checkpoint counts as another run's", path, e)
+        return None
+    if not (isinstance(marker, dict) and marker.get("format") == RUN_MARKER_FORMAT
+            and isinstance(marker.get("lineage"), str) and marker["lineage"]):
+        logger.info("%s is not a run marker of this version: the checkpoint counts as another run's", path)
+        return None
+    return marker
+
+
+def checkpoint_lineage(directory: str | os.PathLike) -> str | None:
+    marker = read_run_marker(directory)
+    return marker["lineage"] if marker is not None else None
+
+
+# -- finding, rotating -----------------------------------------------------------------------------------
+
 def sorted_checkpoints(output_dir: str | os.PathLike, use_mtime: bool = False,
-                       best_model_checkpoint: str | None = None) -> list[Path]:
+                       best_model_checkpoint: str | None = None, lineage: str | None = None) -> list[Path]:
     """`checkpoint-<step>` directories of `output_dir`, oldest first, as transformers' `sort_checkpoints`:
     by step, or by modification time with `use_mtime` (by step after all when the newest and oldest are
     less than 1 s apart: mtime is not trusted then). With `best_model_checkpoint`, that one is moved just
-    before the newest (the rotation window never reaches it, and the newest stays last for a resume)."""
+    before the newest (the rotation window never reaches it, and the newest stays last for a resume).
+    With `lineage`, only the checkpoints whose run marker names that lineage."""
     root = Path(output_dir)
     if not root.is_dir():
         return []
     found = []
     for path in root.iterdir():
         match = _CHECKPOINT_RE.match(path.name)
-        if match and path.is_dir():
+        if match and path.is_dir() and (lineage is None or checkpoint_lineage(path) == lineage):
             found.append((path.stat().st_mtime if use_mtime else int(match.group(1)), path))
     found.sort()
     if use_mtime and len(found) > 1 and found[-1][0] - found[0][0] < 1.0:
-        return sorted_checkpoints(output_dir, False, best_model_checkpoint)
+        return sorted_checkpoints(output_dir, False, best_model_checkpoint, lineage)
     checkpoints = [path for _, path in found]
     # Paths compare as transformers compares their strings (both normalised by Path): a best checkpoint
     # spelled differently from output_dir (relative vs absolute) is not recognised there, nor here.
@@ -388,12 +444,14 @@ def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
 
 
 def rotate_checkpoints(output_dir: str | os.PathLike, save_total_limit: int | None,
-                       best_model_checkpoint: str | None, use_mtime: bool = False) -> list[Path]:
+                       best_model_checkpoint: str | None, use_mtime: bool = False,
+                       lineage: str | None = None) -> list[Path]:
     """transformers' `rotate_checkpoints`: beyond `save_total_limit`, delete the oldest checkpoints except
-    the newest and the best (so with a limit of 1 two can stay). Returns what was deleted."""
+    the newest and the best (so with a limit of 1 two can stay). With `lineage`, among that lineage's
+    checkpoints only: the others are neither counted nor deleted. Returns what was deleted."""
     if not save_total_limit or save_total_limit <= 0:
         return []
-    checkpoints = sorted_checkpoints(output_dir, use_mtime)
+    checkpoints = sorted_checkpoints(output_dir, use_mtime, lineage=lineage)
     if len(checkpoints) <= save_total_limit:
         return []
     protected = {checkpoints[-1]}
@@ -411,15 +469,17 @@ def rotate_checkpoints(output_dir: str | os.PathLike, save_total_limit: int | No
     return deleted
 
 
-def delete_all_but_best(output_dir: str | os.PathLike, best_model_checkpoint: str) -> list[Path]:
+def delete_all_but_best(output_dir: str | os.PathLike, best_model_checkpoint: str,
+                        lineage: str | None = None) -> list[Path]:
     """End of training with save_total_limit=1 and a best checkpoint (transformers' `_finalize_training`):
-    every other checkpoint goes, the newest included. Returns what was deleted."""
+    every other checkpoint goes (of `lineage` only, when given), the newest included. Returns what was
+    deleted."""
     best = Path(best_model_checkpoint)
     if not best.is_dir():  # transformers raises here (samefile); deleting every checkpoint would be worse
         logger.warning("best checkpoint %s is gone: no checkpoint deleted at the end of training", best)
         return []
     deleted = []
-    for path in sorted_checkpoints(output_dir, best_model_checkpoint=best_model_checkpoint):
+    for path in sorted_checkpoints(output_dir, best_model_checkpoint=best_model_checkpoint, lineage=lineage):
         if not os.path.samefile(path, best):
             logger.info("deleting older checkpoint %s (save_total_limit=1, best is %s)", path, best)
             shutil.rmtree(path, ignore_errors=True)

@@ -56,8 +56,10 @@ class CheckpointMixin:
             ckpt.write_checksums(tmp)  # every rank's files are in: the checkpoint is complete
             shutil.rmtree(folder, ignore_errors=True)
             os.replace(tmp, folder)
-            # transformers asks for the order by modification time here (by step when mtimes are < 1 s apart).
-            ckpt.rotate_checkpoints(run_dir, args.save_total_limit, self.state.best_model_checkpoint, use_mtime=True)
+            # transformers asks for the order by modification time here (by step when mtimes are < 1 s apart);
+            # among this lineage's checkpoints only: another run's in the same directory are never deleted.
+            ckpt.rotate_checkpoints(run_dir, args.save_total_limit, self.state.best_model_checkpoint, use_mtime=True,
+                                    lineage=self.checkpoint_lineage)
         distributed.barrier()
         return folder
 
@@ -70,6 +72,31 @@ class CheckpointMixin:
             ckpt.save_data_position(tmp, *self._data_position, args.world_size)
         self.state.stateful_callbacks = TrainerState.export_callback_states(self._stateful_callbacks())
         self.state.save_to_json(str(tmp / ckpt.TRAINER_STATE_NAME))
+        ckpt.write_run_marker(tmp, self.checkpoint_lineage, self._bus_run_id(), self.state.global_step,
+                              self.state.max_steps)
+
+    # -- lineages (see _checkpoint): which checkpoints of output_dir are this run's -------------------------
+
+    @property
+    def checkpoint_lineage(self) -> str:
+        """The lineage this Trainer's checkpoints are marked with: the resumed checkpoint's, else its own
+        (one per Trainer, made at its first fresh train() or save)."""
+        if getattr(self, "_lineage", None) is None:
+            self._continue_lineage(None)
+        return self._lineage
+
+    def _continue_lineage(self, checkpoint: Path | None) -> None:
+        """At train(): carry on the lineage of `checkpoint` (one of ours), else this Trainer's own."""
+        lineage = ckpt.checkpoint_lineage(checkpoint) if checkpoint is not None else None
+        if lineage is None:
+            if getattr(self, "_own_lineage", None) is None:
+                self._own_lineage = ckpt.new_lineage(self._bus_run_id())
+            lineage = self._own_lineage
+        self._lineage = lineage
+
+    def _bus_run_id(self) -> str | None:
+        run_id = getattr(getattr(self, "event_bus", None), "run_id", None)
+        return run_id if isinstance(run_id, str) else None
 
     def _save_model_files(self, directory: Path) -> None:
         """What transformers' `Trainer._save` writes: the model, the tokenizer, `training_args.bin`."""
@@ -115,4 +142,5 @@ class CheckpointMixin:
         if not (self.args.should_save and self.state.best_model_checkpoint is not None
                 and self.args.save_total_limit == 1):
             return []
-        return ckpt.delete_all_but_best(self._get_output_dir(), self.state.best_model_checkpoint)
+        return ckpt.delete_all_but_best(self._get_output_dir(), self.state.best_model_checkpoint,
+                                        lineage=self.checkpoint_lineage)

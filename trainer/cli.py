@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from fg_bus import gc as bus_gc
 from fg_bus.security import InsecureBus
 
 from . import _checkpoint as ckpt
+from . import _output_dir as output_dirs
 from . import distributed
 from ._run_lock import OutputDirInUse, lock_output_dir
 from ._utils import set_seed
@@ -27,12 +29,13 @@ from .callbacks import TrainerCallback
 from .config import ConfigError, load_config, parse_value, peek_arg, peek_seed
 from .default_callbacks import PrinterCallback, ProgressCallback
 from .run_config import build_trainer, default_config_path
-from .sink_callbacks import JsonLogger, SinkProcess, TailLogger, TBLogger, TextgenCallback, sink_problems
+from .sink_callbacks import AlertLogger, JsonLogger, SinkProcess, TailLogger, TBLogger, TextgenCallback, sink_problems
 
 logger = logging.getLogger("trainer")
 
 SEED_MAX = 2**63 - 1  # torch.manual_seed takes up to 2**64 - 1; the sampler seeds seed + epoch
 EXIT_USAGE, EXIT_SINK_FAILED, EXIT_INCOMPLETE = 2, 3, 4
+SINK_KINDS = ("tb", "json", "textgen", "tail", "alert")
 
 EPILOG = """\
 examples:
@@ -124,7 +127,9 @@ def parser() -> argparse.ArgumentParser:
     bus = p.add_argument_group("event bus")
     bus.add_argument("--no-bus", action="store_true", help="do not publish events (no journal, nothing to follow)")
     bus.add_argument("--sinks", type=_sink_list, default=[], metavar="LIST",
-                     help="start these sinks for the run, as separate processes: tb,json,textgen,tail")
+                     help="start these sinks for the run, as separate processes: tb,json,textgen,tail,alert "
+                          "(alert: fg-sink alert's default rules, on this terminal's stderr and in "
+                          "OUTPUT_DIR/alerts/RUN.jsonl)")
     bus.add_argument("--textgen-every", type=_positive_int, default=100, metavar="N",
                      help="with --sinks textgen: snapshot and generate every N steps (default 100)")
     bus.add_argument("--bus-tcp", metavar="HOST:PORT", type=_host_port,
@@ -145,9 +150,9 @@ def parser() -> argparse.ArgumentParser:
 
 def _sink_list(text: str) -> list[str]:
     kinds = [k for k in text.split(",") if k]
-    unknown = [k for k in kinds if k not in ("tb", "json", "textgen", "tail")]
+    unknown = [k for k in kinds if k not in SINK_KINDS]
     if unknown:
-        raise argparse.ArgumentTypeError(f"unknown sink(s) {', '.join(unknown)}; choose from tb, json, textgen, tail")
+        raise argparse.ArgumentTypeError(f"unknown sink(s) {', '.join(unknown)}; choose from {', '.join(SINK_KINDS)}")
     return kinds
 
 
@@ -210,9 +215,10 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         overrides["output_dir"] = _default_output_dir(opts)
     output_dir = overrides.get("output_dir") or _config_output_dir(raw_args)
-    if opts.resume is True and ckpt.latest_checkpoint(output_dir) is None:
-        print(f"fg-train: error: --resume: no checkpoint-* directory in {output_dir}; "
-              "pass --output-dir of the run to resume, or --resume PATH", file=sys.stderr)
+    # --resume alone: the checkpoint saved last; refused when it has nothing left to train (_output_dir)
+    plan = output_dirs.plan_resume(output_dir, opts.resume, argv, _known_max_steps(overrides, raw_args))
+    if plan.error:
+        print(f"fg-train: error: {plan.error}", file=sys.stderr)
         return 2
     if rank == 0:  # the ranks of one torchrun job share the directory; two jobs or two runs may not
         try:
@@ -243,55 +249,53 @@ def main(argv: list[str] | None = None) -> int:
     if bus is not None and rank == 0:
         print(f"fg-train: run {bus.run_id} publishing; follow it with `fg-bus ls`, control it with "
               f"`fg-bus ctl {bus.run_id} stop`", file=sys.stderr, flush=True)
+    refused = _check_output_dir(trainer, plan, argv, rank)
+    if refused:
+        return refused
     for kind in opts.sinks:
         trainer.add_callback({"tb": TBLogger, "json": JsonLogger,
                               "tail": _TerminalTail if sys.stdout.isatty() else TailLogger,
-                              "textgen": lambda: TextgenCallback(generation_steps=opts.textgen_every)}[kind]())
+                              "textgen": lambda: TextgenCallback(generation_steps=opts.textgen_every),
+                              "alert": AlertLogger}[kind]())
     if "tail" in opts.sinks:
         # The tail sink prints the run in this terminal; a progress bar beside it would garble both.
         trainer.remove_callback(ProgressCallback)
         trainer.remove_callback(PrinterCallback)
     signals_received = _stop_on_signals(trainer, bus)
 
-    resume = opts.resume
+    resume = plan.checkpoint.path if plan.checkpoint is not None else None
     try:
         result = trainer.train(resume_from_checkpoint=resume)
         if bus is not None:
             bus.close()  # the stream ends here: the sinks finish and exit (train() leaves it open for evaluate())
     except KeyboardInterrupt:
         _stop_sinks(trainer)  # a Ctrl-C that cut short the wait for them: none is left running behind us
-        if bus is not None and bus.publisher is not None and bus.publisher.closed:
+        if bus is not None and bus.publisher is not None and bus.publisher.closed and not trainer.is_in_train:
             print(f"\nfg-train: the run had ended (step {trainer.state.global_step}); stopped waiting for its sinks",
                   file=sys.stderr)
-        elif ckpt.latest_checkpoint(trainer.args.output_dir) is None:
-            print(f"\nfg-train: aborted at step {trainer.state.global_step}, before any checkpoint was saved. Start "
-                  f"again with:\n  {_resume_command(argv, trainer, resume=False)}", file=sys.stderr)
-        else:
-            print(f"\nfg-train: aborted at step {trainer.state.global_step}. Resume from the last checkpoint with:\n"
-                  f"  {_resume_command(argv, trainer)}", file=sys.stderr)
+        _print_ending(trainer, bus, argv, signals_received)
         return EXIT_SINK_FAILED if _report_sinks(trainer) else 130
     except ValueError as e:
         print(f"fg-train: error: {e}", file=sys.stderr)
         return 2
+    except Exception:  # the model, the data or a callback raised: its traceback, then how the run ended
+        traceback.print_exc()
+        if rank == 0:
+            _print_ending(trainer, bus, argv, signals_received)
+        _report_sinks(trainer)
+        return 1
     if getattr(trainer.control, "should_abort", False):  # `fg-bus ctl RUN abort` or an abort action: no model saved
         distributed.teardown()
         if rank == 0:
-            last = ckpt.latest_checkpoint(trainer.args.output_dir)
-            print(f"fg-train: aborted at step {trainer.state.global_step} (`fg-bus ctl abort` or a callback's abort); "
-                  "nothing saved"
-                  + (f". Resume from the last checkpoint ({last.name}) with:\n  {_resume_command(argv, trainer)}"
-                     if last is not None else ", and no checkpoint was saved before"), file=sys.stderr)
+            _print_ending(trainer, bus, argv, signals_received, abort=True)
         return EXIT_SINK_FAILED if _report_sinks(trainer) else 0
     out_dir = trainer.save_model()
     distributed.teardown()
     if rank == 0:
         trainer.state.save_to_json(str(out_dir / ckpt.TRAINER_STATE_NAME))
         _print_summary(trainer, result, out_dir)
-    code = 0
-    if signals_received:
-        print(f"fg-train: stopped by {signals_received[0]} at step {trainer.state.global_step}; continue with:\n"
-              f"  {_resume_command(argv, trainer)}", file=sys.stderr)
-        code = 128 + getattr(signal, signals_received[0])
+        _print_ending(trainer, bus, argv, signals_received)
+    code = 128 + getattr(signal, signals_received[0]) if signals_received else 0
     # What went wrong with the run's records outranks how it stopped: the exit status says the worst.
     if _report_sinks(trainer):
         code = EXIT_SINK_FAILED
@@ -302,12 +306,95 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
+def _how_it_ended(trainer, bus, signals_received: list[str]) -> tuple[str, dict]:
+    """(status, reason) as the run's end record says, or, without a bus, as fg-train saw it."""
+    from fg_bus import records, registry
+
+    publisher = bus.publisher if bus is not None else None
+    if publisher is not None and publisher.closed:
+        return publisher.status, publisher.end_reason or records.end_reason(publisher.status)
+    step, max_steps = trainer.state.global_step, trainer.state.max_steps
+    if trainer.is_in_train:  # left by an exception (a second Ctrl-C, a failure), without a bus to say which
+        error = sys.exc_info()[1]
+        if isinstance(error, KeyboardInterrupt):
+            return registry.INTERRUPTED, records.end_reason("KeyboardInterrupt (a second Ctrl-C)", signal="SIGINT")
+        return registry.FAILED, records.failure_reason(error) if error else records.end_reason("failed")
+    if signals_received:
+        return registry.INTERRUPTED, records.end_reason(f"{signals_received[0]} at step {step}",
+                                                        signal=signals_received[0])
+    if getattr(trainer.control, "should_abort", False) or (max_steps and step < max_steps):
+        return registry.STOPPED, records.end_reason(f"stopped at step {step} of {max_steps}")
+    return registry.COMPLETED, records.end_reason(f"reached max_steps ({max_steps})")
+
+
+def _print_ending(trainer, bus, argv: list[str], signals_received: list[str], abort: bool = False) -> None:
+    """fg-train's closing lines: why the run ended, where each sink wrote, and, for a run that can go on,
+    the command that continues it (every option it was started with, and --resume), last. A completed
+    run's end goes to stdout, after its summary; any other to stderr, under a line that says so."""
+    from fg_bus import records, registry
+
+    status, reason = _how_it_ended(trainer, bus, signals_received)
+    step = trainer.state.global_step
+    completed = status == registry.COMPLETED
+    lines = [] if completed else [
+        f"\nfg-train: aborted at step {step}, nothing saved" if abort else f"\nfg-train: {status} at step {step}"]
+    lines.append(f"  ended:       {records.describe_end(status, reason)}")
+    if status == registry.FAILED and isinstance(reason.get("exception"), dict):
+        frames = reason["exception"].get("traceback") or []
+        if frames:
+            last = frames[-1]
+            lines.append(f"  raised at:   {last.get('file')}:{last.get('line')} in {last.get('function')}")
+    for sink in _sink_callbacks(trainer):
+        if sink.output_label and sink.output:
+            empty = sink.kind == "alert" and os.path.exists(sink.output) and os.path.getsize(sink.output) == 0
+            lines.append(f"  {sink.output_label + ':':<12} {sink.output}" + ("  (none raised)" if empty else ""))
+    publisher = bus.publisher if bus is not None else None
+    if publisher is not None:
+        lines.append(f"  journal:     {publisher.bus_dir}  (fg-bus cat {publisher.run_id})")
+    if status != registry.COMPLETED:
+        last = output_dirs.resume_target(trainer.args.output_dir)
+        if last is not None:
+            lines.append(f"  checkpoint:  {last}  (saved last: --resume continues from it)")
+            lines.append(f"  resume:      {_resume_command(argv, trainer)}")
+        else:
+            lines.append("  checkpoint:  none was saved")
+            lines.append(f"  start again: {_resume_command(argv, trainer, resume=False)}")
+    print("\n".join(lines), file=sys.stdout if completed else sys.stderr, flush=True)
+
+
 class _TerminalTail(TailLogger):
     """`--sinks tail` in a terminal: the tail keeps a one-line progress indication at the bottom (step/max,
     rate, ETA), since the progress bar is off beside it."""
 
     def sink_args(self, args) -> list[str]:
         return ["--progress"]
+
+
+def _known_max_steps(overrides: dict, raw_args) -> int | None:
+    """max_steps before the trainer is built (--max-steps, or the config's args), None for a run by epochs."""
+    value = overrides.get("max_steps")
+    if value is None:
+        value = raw_args.get("max_steps") if isinstance(raw_args, dict) else getattr(raw_args, "max_steps", None)
+    return value if type(value) is int and value > 0 else None
+
+
+def _check_output_dir(trainer, plan, argv: list[str], rank: int) -> int:
+    """Before training (the trainer built): a run by epochs resuming a checkpoint already at its end is
+    refused (exit 2, its stream ended as failed); rank 0 says what it resumes and which other runs'
+    checkpoints the output directory holds (_output_dir). 0: go on."""
+    max_steps = output_dirs.planned_max_steps(trainer)
+    if plan.checkpoint is not None and plan.error is None:
+        plan.error = output_dirs.nothing_to_train(plan.checkpoint, max_steps, None, argv, trainer.args.output_dir)
+    if plan.error:
+        print(f"fg-train: error: {plan.error}", file=sys.stderr)
+        if trainer.event_bus is not None:
+            trainer.event_bus.close_with_error(ValueError(plan.error))
+        return EXIT_USAGE
+    if rank == 0:
+        lines = plan.notes + output_dirs.start_notes(trainer.args.output_dir, plan, trainer.args, max_steps)
+        if lines:
+            print("\n".join(lines), file=sys.stderr, flush=True)
+    return 0
 
 
 def _config_output_dir(raw_args) -> str:
@@ -344,7 +431,8 @@ def _launch_torchrun(opts, argv: list[str]) -> int:
     print(f"fg-train: launching {opts.nproc_per_node} ranks: torchrun --standalone "
           f"--nproc-per-node={opts.nproc_per_node} -m trainer {' '.join(args)}", file=sys.stderr, flush=True)
     # torchrun forwards SIGINT/SIGTERM to the ranks, which stop at a step boundary; wait for it to finish.
-    proc = subprocess.Popen(command)
+    # the ranks' resume command is this one, --nproc-per-node included (their own argv lacks it)
+    proc = subprocess.Popen(command, env={**os.environ, output_dirs.ARGV_ENV: shlex.join(argv)})
     while True:
         try:
             return proc.wait()
@@ -371,21 +459,8 @@ def _without_option(argv: list[str], name: str) -> list[str]:
 
 
 def _resume_command(argv: list[str], trainer, resume: bool = True) -> str:
-    """This run's own command line (every option it was started with), shell-quoted, with `--resume`
-    (which continues from the newest checkpoint) in place of any `--resume [CHECKPOINT]` it had."""
-    out, i = ["fg-train"], 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg == "--resume":
-            # argparse takes the next word as the checkpoint unless it is an option (nargs="?")
-            i += 2 if i + 1 < len(argv) and not argv[i + 1].startswith("-") else 1
-            continue
-        if not arg.startswith("--resume="):
-            out.append(arg)
-        i += 1
-    if not any(a == "--output-dir" or a.startswith("--output-dir=") for a in argv):
-        out += ["--output-dir", str(trainer.args.output_dir)]
-    return shlex.join(out + (["--resume"] if resume else []))
+    """This run's own command line, every option kept, with `--resume` (or, resume=False, without)."""
+    return output_dirs.resume_command(argv, trainer.args.output_dir, True if resume else None)
 
 
 class _GracefulStop(TrainerCallback):
@@ -445,7 +520,7 @@ def _print_summary(trainer, result, out_dir: Path) -> None:
     if sample:
         lines.append(f"  sample:      {sample!r}")
     lines.append(f"  model:       {out_dir}/")
-    checkpoints = ckpt.sorted_checkpoints(out_dir)
+    checkpoints = ckpt.sorted_checkpoints(out_dir, lineage=trainer.checkpoint_lineage)  # this run's, not others'
     if checkpoints:
         lines.append(f"  checkpoints: {', '.join(c.name for c in checkpoints)} in {out_dir}/")
     lines.append(f"  log history: {out_dir / ckpt.TRAINER_STATE_NAME}")

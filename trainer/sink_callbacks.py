@@ -68,6 +68,27 @@ class SinkProcess(TrainerCallback):
         started again without its --out or --logdir would write somewhere else)."""
         return shlex.join(["fg-sink", self.kind, "--run", str(self.run_dir), *self.options])
 
+    #: what this sink writes, for fg-train's closing lines ("tensorboard", "json log", ...); None: nothing
+    output_label: str | None = None
+
+    def output_template(self) -> str | None:
+        """Where the sink writes, as its `{output_dir}` / `{run}` template (sinks.base.expand)."""
+        return None
+
+    @property
+    def output(self) -> str | None:
+        """Where the sink wrote this run's output (a directory or a file), once it was started."""
+        template = self.output_template() if self.run_dir is not None else None
+        if template is None:
+            return None
+        from fg_bus import registry
+        from sinks.base import expand
+
+        try:
+            return expand(template, registry.load_run(Path(self.run_dir)))
+        except (OSError, ValueError, KeyError, registry.RunNotFound):
+            return None
+
     @property
     def failed(self) -> bool:
         """It ended early, with a non-zero status, or had to be stopped: its output may be incomplete."""
@@ -211,8 +232,15 @@ class TBLogger(SinkProcess):
         super().__init__(**metadata)
         self.logdir = _logdir_of(summary_writer)
 
+    output_label = "tensorboard"
+
     def sink_args(self, args) -> list[str]:
         return ["--logdir", self.logdir] if self.logdir else []
+
+    def output_template(self) -> str:
+        from sinks.tb_sink import DEFAULT_LOGDIR
+
+        return str(Path(self.logdir or DEFAULT_LOGDIR) / "{run}")  # the sink writes LOGDIR/RUN_ID
 
 
 class JsonLogger(SinkProcess):
@@ -225,8 +253,43 @@ class JsonLogger(SinkProcess):
         super().__init__(**metadata)
         self.out = out
 
+    output_label = "json log"
+
     def sink_args(self, args) -> list[str]:
         return ["--out", self.out] if self.out else []
+
+    def output_template(self) -> str:
+        from sinks.json_sink import DEFAULT_OUT
+
+        return self.out or DEFAULT_OUT
+
+
+class AlertLogger(SinkProcess):
+    """Alerts on the run's stream (`fg-sink alert`, its rules on by default: a non-finite loss, divergence
+    alerts, stalls, a failed or dead run, eval not improving, throughput dropping), printed on stderr and
+    kept in `OUTPUT_DIR/alerts/RUN.jsonl`; `webhook` (with `webhook_format` json / slack / discord) and
+    `exec_cmd` deliver them further, as the sink's --webhook, --webhook-format and --exec do."""
+
+    kind = "alert"
+    output_label = "alerts"
+
+    def __init__(self, webhook: str | None = None, webhook_format: str | None = None,
+                 exec_cmd: str | None = None, **metadata: Any):
+        super().__init__(**metadata)
+        self.webhook, self.webhook_format, self.exec_cmd = webhook, webhook_format, exec_cmd
+
+    def sink_args(self, args) -> list[str]:
+        out = []
+        for flag, value in (("--webhook", self.webhook), ("--webhook-format", self.webhook_format),
+                            ("--exec", self.exec_cmd)):
+            if value:
+                out += [flag, value]
+        return out
+
+    def output_template(self) -> str:
+        from sinks.alert_sink import DEFAULT_LOG
+
+        return DEFAULT_LOG
 
 
 class TailLogger(SinkProcess):

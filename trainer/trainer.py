@@ -275,18 +275,23 @@ class Trainer(DataMixin, EvaluationMixin, CheckpointMixin, OptimizerMixin):
         self._signature_columns = None
 
     def _resolve_checkpoint(self, resume_from_checkpoint) -> Path | None:
+        """The checkpoint to resume (True: the highest step, as transformers' get_last_checkpoint; fg-train
+        --resume picks the one saved last instead, see _output_dir), and the lineage this train()'s
+        checkpoints carry on (_saving.py): that checkpoint's, else this Trainer's own."""
         if resume_from_checkpoint is None or resume_from_checkpoint is False:
+            self._continue_lineage(None)
             return None
         if resume_from_checkpoint is True:
-            latest = ckpt.latest_checkpoint(self.args.output_dir)
-            if latest is None:
+            path = ckpt.latest_checkpoint(self.args.output_dir)
+            if path is None:
                 raise ValueError(f"resume_from_checkpoint=True but {self.args.output_dir} holds no checkpoint-* "
                                  "directory")
-            return latest
-        path = Path(resume_from_checkpoint)
-        if not (path / ckpt.TRAINER_STATE_NAME).is_file():
-            raise ValueError(f"resume_from_checkpoint={str(path)!r} is not a checkpoint directory "
-                             f"(no {ckpt.TRAINER_STATE_NAME} in it)")
+        else:
+            path = Path(resume_from_checkpoint)
+            if not (path / ckpt.TRAINER_STATE_NAME).is_file():
+                raise ValueError(f"resume_from_checkpoint={str(path)!r} is not a checkpoint directory "
+                                 f"(no {ckpt.TRAINER_STATE_NAME} in it)")
+        self._continue_lineage(path)
         return path
 
     def _stateful_callbacks(self) -> list:

@@ -258,7 +258,7 @@ def test_the_resume_command_printed_at_a_signal_keeps_the_options_and_continues_
     proc.send_signal(signal.SIGINT)
     code, stderr = finish(proc)
     assert code == 128 + signal.SIGINT, stderr[-3000:]
-    command = stderr.strip().splitlines()[-1].strip()
+    command = stderr.strip().splitlines()[-1].strip().removeprefix("resume:").strip()
     assert command.startswith("fg-train ") and command.endswith(" --resume"), stderr[-3000:]
     argv = shlex.split(command)
     assert argv[1] == str(config) and "rn=trial one" in argv and argv[argv.index("--max-steps") + 1] == "150", argv

@@ -256,7 +256,8 @@ def test_fg_train_with_the_detector_in_yaml_stops_early_with_an_alert(tmp_path, 
     config.write_text(DIVERGE_YAML.read_text().replace("action: stop", f"action: {action}"))
     out = tmp_path / "out"
     env = {**os.environ, "FG_HOME": str(fg_home), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([str(BIN / "fg-train"), str(config), "--device", "cpu", "--output-dir", str(out)],
+    proc = subprocess.run([str(BIN / "fg-train"), str(config), "--device", "cpu", "--output-dir", str(out),
+                           "--sinks", "alert"],
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, timeout=300)
     output = proc.stdout.decode(errors="replace")
     assert proc.returncode == 0, output
@@ -266,5 +267,11 @@ def test_fg_train_with_the_detector_in_yaml_stops_early_with_an_alert(tmp_path, 
     [alert] = alerts(journal)
     assert alert["kind"] in ("divergence", "non-finite") and alert["action"] == action
     assert journal[-1]["event"] == "end" and journal[-1]["global_step"] == alert["global_step"] < 400
+    # --sinks alert: the alert sink raised it on this terminal, kept it, and the closing lines say where
+    assert f"ALERT [trainer-alert] run {journal[0]['run']} step {alert['global_step']}" in output, output
+    kept = [json.loads(line) for line in (out / "alerts" / f"{journal[0]['run']}.jsonl").read_text().splitlines()]
+    assert "trainer-alert" in [a["rule"] for a in kept]
+    assert f"  alerts:      {out / 'alerts' / journal[0]['run']}.jsonl\n" in output, output
+    assert "  ended:       stopped: DivergenceDetector stopped training at step" in output, output
     # stop: fg-train saves the final model as after any stop; abort: nothing at all
     assert (out / "model.safetensors").exists() == (action == "stop"), sorted(p.name for p in out.iterdir())

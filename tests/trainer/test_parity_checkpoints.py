@@ -166,12 +166,15 @@ def test_checkpoints_kept_at_each_save_and_at_the_end_as_transformers(tmp_path, 
 
 def test_rotation_orders_by_modification_time_as_transformers(tmp_path):
     """A stale checkpoint-100 (an hour old) is the newest by step but the oldest by mtime: transformers
-    rotates by mtime, so it is the first to go."""
+    rotates by mtime, so it is the first to go. Ours as well, the stale one being of the run's own lineage
+    (its run marker); one without a marker is another run's and is kept (tests/trainer/test_output_dir.py)."""
     ours, hf, *_ = pair_with_callbacks(tmp_path, {}, dict(max_steps=6, save_steps=2, save_total_limit=2))
     an_hour_ago = time.time() - 3600
     for trainer in (ours, hf):
         stale = os.path.join(trainer.args.output_dir, "checkpoint-100")
         os.makedirs(stale)
+        if trainer is ours:
+            ckpt.write_run_marker(stale, ours.checkpoint_lineage, None, 100, 100)
         os.utime(stale, (an_hour_ago, an_hour_ago))
     ours.train()
     hf.train()
