@@ -196,7 +196,12 @@ def test_a_journal_whose_directory_is_gone_is_still_replayed_and_the_loss_is_rep
     for i in range(200):
         publisher.publish("on_log", i)
     replay = registry.resolve(publisher.run_id).ranks["0"]["replay"]
-    shutil.rmtree(publisher.bus_dir)  # `rm -rf` of the run directory while it runs
+    # `rm -rf` of the run directory while it runs; again where the bus thread's run.json write (a temp file,
+    # renamed, every second) put a file into it between rm's listing and its rmdir
+    deadline = time.monotonic() + 30
+    while publisher.bus_dir.exists() and time.monotonic() < deadline:
+        shutil.rmtree(publisher.bus_dir, ignore_errors=True)
+    assert not publisher.bus_dir.exists()
     wait_for(lambda: publisher.incomplete, 30, "the deletion to be noticed")
     assert "deleted" in publisher.incomplete
     ctx = zmq.Context()
