@@ -539,8 +539,14 @@ def _control_reason(request: dict, step: int) -> tuple[str, dict]:
         name = source.split(" ", 1)[1]
         return registry.INTERRUPTED, records.end_reason(f"{name} at step {step}", signal=name, step=step)
     origin = request.get("origin") or {}
-    who = f"{origin.get('user', '?')}@{origin.get('host', '?')}" if origin else ""
-    command = f"{source} {request['cmd']}" if source.startswith("fg-bus") else request["cmd"]
-    return registry.STOPPED, records.end_reason(
-        f"`{command}`" + (f" from {who}" + (f" (pid {origin['pid']})" if "pid" in origin else "") if who else "")
-        + f" at step {step}", by="ctl", cmd=request["cmd"], source=source or None, origin=origin or None, step=step)
+    who = ""
+    if origin:
+        who = f"{origin.get('user', '?')}@{origin.get('host', '?')}" + (f" (pid {origin['pid']})" if "pid" in origin
+                                                                     else "")
+    cmd = request["cmd"]
+    if source == "fg-bus ctl":  # the command as typed: `fg-bus ctl stop` from alice@gpu1 (pid 12)
+        text = f"`fg-bus ctl {cmd}`" + (f" from {who}" if who else "")
+    else:  # fg-bus top's x-then-y, or a program's send_control: stop from fg-bus top, by alice@gpu1 (pid 12)
+        text = f"{cmd} from {source or 'a control request'}" + (f", by {who}," if who else "")
+    return registry.STOPPED, records.end_reason(f"{text} at step {step}", by="ctl", cmd=cmd, source=source or None,
+                                                origin=origin or None, step=step)

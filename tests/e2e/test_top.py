@@ -152,7 +152,7 @@ def test_the_dashboard_in_a_real_terminal_selects_saves_stops_and_quits_restorin
         stopped = [r for r in events(info, "control") if r["cmd"] == "stop" and r.get("applied")]
         assert len(stopped) == 1 and stopped[0]["source"] == "fg-bus top"
         term.wait_for("the run shown ended", lambda s: re.search(r"\bstopped\b", s.splitlines()[0]))
-        term.wait_for("why it ended", lambda s: "ended stopped: `fg-bus top stop` from " in s)
+        term.wait_for("why it ended", lambda s: "ended stopped: stop from fg-bus top, by " in s)
         term.keys("Escape")
         term.wait_for("the table again", lambda s: "STATUS" in s and "PROGRESS" in s)
         term.keys("q")
