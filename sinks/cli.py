@@ -34,6 +34,8 @@ examples:
   fg-sink my_pkg.sinks:WandbSink --option project=demo
   fg-sink alert --webhook URL         NaN loss, divergence, stalls, a dead run... to stderr and a JSON POST
   fg-sink tb --ranks all              a torchrun job: every rank's figures (RUN/rank1, ...), not rank 0's only
+"""
+NOTES = """\
 Started before fg-train, a sink waits for the run. Restarted, it continues where its output ends.
 Its files are private (0600, directories 0700) unless --group-readable; one sink writes an output at a time.
 exit status: 0 the run ended and the output is complete; 2 bad arguments or an output that cannot be used;
@@ -41,7 +43,10 @@ exit status: 0 the run ended and the output is complete; 2 bad arguments or an o
   is writing this output; 8 a write failed (the command that resumes is printed); 128+N stopped by signal N
 """
 
-BUILTIN = ("json", "tb", "textgen", "tail", "alert", "null")
+#: sinks for the trackers people already use, each in its module (imported only when asked for: the
+#: tracker's client is an extra): the module has `add_arguments(group)` for its options and `build(opts)`.
+TRACKERS = {"mlflow": "sinks.mlflow_sink", "wandb": "sinks.wandb_sink", "trackio": "sinks.trackio_sink"}
+BUILTIN = ("json", "tb", "textgen", "tail", "alert", "null", *TRACKERS)
 
 
 MAX_SEQ = (1 << 63) - 1  # seqs are 63-bit: what every JSON reader and the journal's integers hold
@@ -140,10 +145,8 @@ def _option(text: str) -> tuple[str, str]:
     return key, value
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fg-sink", description=__doc__, epilog=EPILOG,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("kind", help="tb, json, textgen, tail, alert, null, or module:ClassName")
+def _common(p: argparse.ArgumentParser) -> None:
+    """The options every sink takes."""
     p.add_argument("--run", default="latest", help="latest (default: the newest live run, or the next to start), "
                                                    "a run id, or a run/output directory")
     p.add_argument("--from", dest="start", type=_from, default="start", metavar="start|now|SEQ",
@@ -162,56 +165,147 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--ranks", type=_ranks, metavar="0|all|LIST",
                    help="which ranks of a torchrun job to follow: 0, all, or a list such as 0,2 (default: all for "
                         "json, 0 for the others; textgen follows rank 0 only)")
-    json_opts = p.add_argument_group("json")
-    json_opts.add_argument("--out", type=_template, default=DEFAULT_OUT,
-                           help=f"output file; {{run}} and {{output_dir}} are replaced (default {DEFAULT_OUT})")
-    tb_opts = p.add_argument_group("tb")
-    tb_opts.add_argument("--logdir", type=_template, default=DEFAULT_LOGDIR,
-                         help=f"TensorBoard log directory; each run gets a subdirectory (default {DEFAULT_LOGDIR})")
-    gen = p.add_argument_group("textgen")
-    gen.add_argument("--prompt", action="append", help="a prompt (repeatable; default 'The ')")
-    gen.add_argument("--device", default="cpu", help="where to generate (default cpu: the GPU stays the trainer's)")
-    gen.add_argument("--do-sample", action=argparse.BooleanOptionalAction, default=True, help="sample (default) "
-                                                                                            "or greedy")
-    gen.add_argument("--temperature", type=float, default=0.8)
-    gen.add_argument("--top-p", type=float, default=0.95)
-    gen.add_argument("--top-k", type=int, default=None)
-    gen.add_argument("--max-new-tokens", type=int, default=60)
-    tail_opts = p.add_argument_group("tail")
-    tail_opts.add_argument("--events", help="comma-separated events to show (default: logs, saves, samples, "
-                                            "control, warnings, system, end; with --json: every record)")
-    tail_opts.add_argument("--json", action="store_true", help="print the records as JSON lines")
-    tail_opts.add_argument("--system-every", type=_seconds, default=SYSTEM_EVERY, metavar="S",
-                           help=f"at most one system line per rank every S seconds of the run "
-                                f"(default {SYSTEM_EVERY:g}; 0: every system record)")
-    tail_opts.add_argument("--progress", action="store_true",
-                           help="on a terminal, keep one status line at the bottom: step/max, %%, step rate, ETA, "
-                                "loss (fg-train --sinks tail turns it on when its output is a terminal; never "
-                                "when piped)")
-    alert = p.add_argument_group("alert", "rules: " + ", ".join(RULES) + " (all on; --disable to turn some off)")
-    alert.add_argument("--webhook", metavar="URL", help="POST each alert as JSON to URL (retried a few times; only "
-                                                        "its host is ever printed)")
-    alert.add_argument("--webhook-format", choices=FORMATS, default="json",
-                       help="json: the alert itself (default); slack: {\"text\": ...}; discord: {\"content\": ...}")
-    alert.add_argument("--exec", dest="exec_cmd", metavar="CMD",
-                       help="run CMD (by /bin/sh) for each alert, the alert as JSON on its stdin (10 s at most)")
-    alert.add_argument("--min-interval", type=_seconds, default=60.0, metavar="S",
-                       help="at most one alert per rule every S seconds of the run (default 60); the rest are counted")
-    alert.add_argument("--eval-patience", type=_count, default=5, metavar="N",
-                       help="alert when the eval metric has not improved for N evaluations (default 5; 0: off)")
-    alert.add_argument("--eval-metric", default="eval_loss", metavar="NAME", help="the eval metric (default eval_loss)")
-    alert.add_argument("--greater-is-better", action="store_true", help="the eval metric improves upwards")
-    alert.add_argument("--throughput-drop", type=_fraction, default=0.5, metavar="F",
-                       help="alert when samples_per_second falls below F x its median, after 10 logs (default 0.5; "
-                            "0: off)")
-    alert.add_argument("--disable", type=_rules, default=[], metavar="RULES", help="comma-separated rules to turn off")
-    alert.add_argument("--alert-log", type=_template, default=DEFAULT_LOG, metavar="PATH",
-                       help=f"the alerts raised, one JSON line each; a restarted sink sends none of them again "
-                            f"(default {DEFAULT_LOG})")
-    custom = p.add_argument_group("your own sink")
-    custom.add_argument("--option", type=_option, action="append", default=[], metavar="KEY=VALUE",
-                        help="keyword argument for a module:ClassName sink (repeatable)")
+
+
+def _json_options(g) -> None:
+    g.add_argument("--out", type=_template, default=DEFAULT_OUT,
+                   help=f"output file; {{run}} and {{output_dir}} are replaced (default {DEFAULT_OUT})")
+
+
+def _tb_options(g) -> None:
+    g.add_argument("--logdir", type=_template, default=DEFAULT_LOGDIR,
+                   help=f"TensorBoard log directory; each run gets a subdirectory (default {DEFAULT_LOGDIR})")
+
+
+def _textgen_options(g) -> None:
+    g.add_argument("--prompt", action="append", help="a prompt (repeatable; default 'The ')")
+    g.add_argument("--device", default="cpu", help="where to generate (default cpu: the GPU stays the trainer's)")
+    g.add_argument("--do-sample", action=argparse.BooleanOptionalAction, default=True, help="sample (default) "
+                                                                                          "or greedy")
+    g.add_argument("--temperature", type=float, default=0.8)
+    g.add_argument("--top-p", type=float, default=0.95)
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--max-new-tokens", type=int, default=60)
+
+
+def _tail_options(g) -> None:
+    g.add_argument("--events", help="comma-separated events to show (default: logs, saves, samples, "
+                                    "control, warnings, system, end; with --json: every record)")
+    g.add_argument("--json", action="store_true", help="print the records as JSON lines")
+    g.add_argument("--system-every", type=_seconds, default=SYSTEM_EVERY, metavar="S",
+                   help=f"at most one system line per rank every S seconds of the run "
+                        f"(default {SYSTEM_EVERY:g}; 0: every system record)")
+    g.add_argument("--progress", action="store_true",
+                   help="on a terminal, keep one status line at the bottom: step/max, %%, step rate, ETA, "
+                        "loss (fg-train --sinks tail turns it on when its output is a terminal; never "
+                        "when piped)")
+
+
+def _alert_options(g) -> None:
+    g.add_argument("--webhook", metavar="URL", help="POST each alert as JSON to URL (retried a few times; only "
+                                                    "its host is ever printed)")
+    g.add_argument("--webhook-format", choices=FORMATS, default="json",
+                   help="json: the alert itself (default); slack: {\"text\": ...}; discord: {\"content\": ...}")
+    g.add_argument("--exec", dest="exec_cmd", metavar="CMD",
+                   help="run CMD (by /bin/sh) for each alert, the alert as JSON on its stdin (10 s at most)")
+    g.add_argument("--min-interval", type=_seconds, default=60.0, metavar="S",
+                   help="at most one alert per rule every S seconds of the run (default 60); the rest are counted")
+    g.add_argument("--eval-patience", type=_count, default=5, metavar="N",
+                   help="alert when the eval metric has not improved for N evaluations (default 5; 0: off)")
+    g.add_argument("--eval-metric", default="eval_loss", metavar="NAME", help="the eval metric (default eval_loss)")
+    g.add_argument("--greater-is-better", action="store_true", help="the eval metric improves upwards")
+    g.add_argument("--throughput-drop", type=_fraction, default=0.5, metavar="F",
+                   help="alert when samples_per_second falls below F x its median, after 10 logs (default 0.5; "
+                        "0: off)")
+    g.add_argument("--disable", type=_rules, default=[], metavar="RULES", help="comma-separated rules to turn off")
+    g.add_argument("--alert-log", type=_template, default=DEFAULT_LOG, metavar="PATH",
+                   help=f"the alerts raised, one JSON line each; a restarted sink sends none of them again "
+                        f"(default {DEFAULT_LOG})")
+
+
+def _custom_options(g) -> None:
+    g.add_argument("--option", type=_option, action="append", default=[], metavar="KEY=VALUE",
+                   help="keyword argument for a module:ClassName sink (repeatable)")
+
+
+def _tracker_options(kind: str):
+    """A tracker sink's `add_arguments`, from its module (which imports no tracker library); None if the
+    module is not there."""
+    try:
+        module = importlib.import_module(TRACKERS[kind])
+    except ModuleNotFoundError as e:
+        if e.name != TRACKERS[kind]:
+            raise
+        return None
+    return module.add_arguments
+
+
+CUSTOM = "module:ClassName"
+#: each sink's own options (the group shown by `fg-sink KIND --help`); the common ones are in `_common`
+OPTIONS = {"json": _json_options, "tb": _tb_options, "textgen": _textgen_options, "tail": _tail_options,
+           "alert": _alert_options, "null": None, CUSTOM: _custom_options}
+ALERT_RULES = "rules: " + ", ".join(RULES) + " (all on; --disable to turn some off)"
+
+
+def parser(kind: str | None = None) -> argparse.ArgumentParser:
+    """`fg-sink KIND`'s parser: the common options and KIND's own (a module:ClassName kind: --option);
+    with no kind, every sink's (to say which sink an option belongs to)."""
+    shown = kind
+    if kind is not None and kind not in OPTIONS and kind not in TRACKERS:
+        kind = CUSTOM if ":" in kind else None
+    p = argparse.ArgumentParser(prog="fg-sink" if kind is None else f"fg-sink {shown}", description=__doc__,
+                                epilog=EPILOG + NOTES if kind is None else NOTES, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                usage=None if kind is None else "%(prog)s [options]", allow_abbrev=False)
+    p.add_argument("kind", help="tb, json, textgen, tail, alert, mlflow, wandb, trackio, null, or module:ClassName "
+                                "(`fg-sink KIND --help`: that sink's options)")
+    _common(p)
+    for name in ([kind] if kind is not None else [*OPTIONS, *TRACKERS]):
+        add = _tracker_options(name) if name in TRACKERS else OPTIONS[name]
+        if add is not None:
+            add(p.add_argument_group(name if name != CUSTOM else "your own sink (module:ClassName)",
+                                     ALERT_RULES if name == "alert" else None))
     return p
+
+
+def owner_of(option: str) -> str | None:
+    """The sink whose option `option` (e.g. "--temperature") is, or None for a common or unknown one."""
+    for name in [*OPTIONS, *TRACKERS]:
+        add = _tracker_options(name) if name in TRACKERS else OPTIONS[name]
+        if add is None:
+            continue
+        probe = argparse.ArgumentParser(add_help=False)
+        add(probe)
+        if option in probe._option_string_actions:
+            return name
+    return None
+
+
+def _kind_of(argv: list[str]) -> str | None:
+    """The KIND word of a command line (the options may come before it)."""
+    p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    p.add_argument("kind", nargs="?")
+    _common(p)
+    try:
+        known, _ = p.parse_known_args(argv)
+    except SystemExit:  # a bad common option: the full parser says what was wrong
+        return None
+    return known.kind
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    """The command line, parsed by its sink's parser: an option of another sink is refused, with its name
+    and the sink it belongs to (argparse would say only "unrecognized arguments")."""
+    kind = _kind_of(argv)
+    p = parser(kind)
+    opts, rest = p.parse_known_args(argv)
+    if rest:
+        option = next((word.split("=", 1)[0] for word in rest if word.startswith("-")), None)
+        owner = owner_of(option) if option else None
+        if owner is not None:
+            p.error(f"{option} is an option of `fg-sink {owner}`, not of `fg-sink {opts.kind}` "
+                    f"(`fg-sink {opts.kind} --help` lists its options)")
+        p.error(f"unrecognized arguments: {' '.join(rest)}")
+    return opts
 
 
 def build_sink(opts) -> Sink:
@@ -238,6 +332,8 @@ def _build(opts) -> Sink:
                          disable=opts.disable, alert_log=opts.alert_log, group_readable=opts.group_readable)
     if opts.kind == "null":
         return NullSink()
+    if opts.kind in TRACKERS:
+        return importlib.import_module(TRACKERS[opts.kind]).build(opts)
     if opts.kind == "textgen":
         from .textgen_sink import TextgenSink  # imports torch: only for this sink
 
@@ -289,7 +385,7 @@ class _Adapted(Sink):
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    opts = parser().parse_args(argv)
+    opts = parse(argv)
     handler = logging.StreamHandler()
     handler.setFormatter(SafeFormatter("%(levelname)s %(name)s: %(message)s"))  # messages may quote records
     logging.basicConfig(level=logging.WARNING, handlers=[handler])

@@ -102,8 +102,8 @@ def parse_command(cmd: list[str]):
         from trainer.cli import parser
         opts, error = _parse(parser().parse_args, args)
     elif program == "fg-sink":
-        from sinks.cli import BUILTIN, parser
-        opts, error = _parse(parser().parse_args, args)
+        from sinks.cli import BUILTIN, parse  # the sink's own parser: another sink's option is refused
+        opts, error = _parse(parse, args)
         if opts is not None and opts.kind not in BUILTIN and ":" not in opts.kind:
             error = f"unknown sink kind {opts.kind!r} (choose {', '.join(BUILTIN)} or module:Class)"
     elif program == "fg-bus":

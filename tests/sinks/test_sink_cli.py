@@ -73,6 +73,21 @@ def test_help(fg_home):
     assert "--from" in proc.stdout and "--option" in proc.stdout
 
 
+def test_a_sinks_help_shows_its_options_only_and_another_sinks_option_is_refused_by_name(fg_home):
+    tb = fg_sink(fg_home, "tb", "--help")
+    assert tb.returncode == 0 and tb.stdout.startswith("usage: fg-sink tb [options]"), explain(tb)
+    assert "--logdir" in tb.stdout and "--run" in tb.stdout  # its own and the common ones
+    assert "--temperature" not in tb.stdout and "--out" not in tb.stdout and "--webhook" not in tb.stdout
+    textgen = fg_sink(fg_home, "--run", "latest", "textgen", "--help")  # options before the kind too
+    assert "--temperature" in textgen.stdout and "--logdir" not in textgen.stdout, explain(textgen)
+    refused = fg_sink(fg_home, "tb", "--temperature", "0.5")
+    assert refused.returncode == 2, explain(refused)
+    assert "--temperature is an option of `fg-sink textgen`, not of `fg-sink tb`" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    unknown = fg_sink(fg_home, "json", "--no-such-option=1")
+    assert unknown.returncode == 2 and "unrecognized arguments: --no-such-option=1" in unknown.stderr
+
+
 def test_unknown_kind(fg_home):
     proc = fg_sink(fg_home, "bogus")
     assert proc.returncode == 2, explain(proc)
@@ -89,7 +104,7 @@ def test_from_must_be_start_now_or_a_seq(fg_home):
 
 
 def test_option_must_be_key_value(fg_home):
-    proc = fg_sink(fg_home, "null", "--option", "novalue")
+    proc = fg_sink(fg_home, "my_module:MySink", "--option", "novalue")
     assert proc.returncode == 2, explain(proc)
     assert "--option" in proc.stderr and "KEY=VALUE" in proc.stderr
 
