@@ -333,6 +333,8 @@ def _build(opts) -> Sink:
     if opts.kind == "null":
         return NullSink()
     if opts.kind in TRACKERS:
+        if _tracker_options(opts.kind) is None:
+            raise ValueError(f"the {opts.kind} sink is not part of this installation ({TRACKERS[opts.kind]})")
         return importlib.import_module(TRACKERS[opts.kind]).build(opts)
     if opts.kind == "textgen":
         from .textgen_sink import TextgenSink  # imports torch: only for this sink
