@@ -5,8 +5,13 @@ Scalars use transformers' TensorBoard naming: `on_log` metrics become `train/los
 per-step values of `on_step_end` become `train/step_loss` and `train/step_grad_norm`; gradient statistics
 (`grad_norm_*` from GradLogger) go under `grad/`; the `system` records' metrics (CPU, memory, disk, GPU:
 `fg_bus._system`) under `system/`, at the step they were sampled at, with the sample's time as wall time.
-The run's `meta` is written as text (`run/meta`, with configuration, name, description, date) and
-generated samples as text (`textgen/sample_N`), and how the run ended (`run/end`: its status and why,
+Every `on_log` number is a scalar, `train/epoch` and `train/total_flos` included, as transformers writes
+them. At train begin, as transformers' TensorBoardCallback: `args` and `model_config` as JSON text (tags
+`args/text_summary`, `model_config/text_summary`, as torch's SummaryWriter names them); and
+the run's `meta` (`run/meta`), its args as hyperparameters (TensorBoard's HParams dashboard), and the
+seed's experiment info from TBLogger(name=..., description=...) (`run/experiment`). Generated samples are
+text shown verbatim (`textgen/sample_N`, prompt and continuation in a fenced block), and how the run
+ended (`run/end`: its status and why,
 with a failure's innermost frame). NaN stays NaN.
 
 All scalars of one record go into one Event (one framing and two CRCs per record, rather than per
@@ -47,7 +52,6 @@ DEFAULT_LOGDIR = "{output_dir}/tb"
 POSITION_FILE = "fg-position.json"
 LOCK_FILE = "fg-sink.lock"
 _EVENT_PREFIX = "events.out.tfevents."
-_SKIP = {"epoch", "total_flos"}
 
 
 def scalar_tag(key: str) -> str:
@@ -236,12 +240,14 @@ class TensorBoardSink(Sink):
             values = self._scalars(record.get("metrics") or {}, lambda k: f"grad/{k}")
         elif event == "system":
             values = self._scalars(record.get("metrics") or {}, lambda k: f"system/{k}")
-        elif event == "on_train_begin" and record.get("meta"):
-            values = list(text_pb("run/meta", _meta_markdown(record)).value)
+        elif event == "on_train_begin" and isinstance(record.get("meta"), dict):
+            values = _run_begin(record)
+        elif event == "experiment" and isinstance(record.get("meta"), dict):  # TBLogger(name=..., description=...)
+            values = list(text_pb("run/experiment", _experiment_markdown(record["meta"])).value)
         elif event == "textgen" and record.get("text") is not None:
             index = record.get("prompt_index", 0)
-            text = f"**{record.get('prompt', '')}**{record.get('text', '')}"
-            values = list(text_pb(f"textgen/sample_{index}", text).value)
+            values = list(text_pb(f"textgen/sample_{index}", _verbatim(f"{record.get('prompt', '')}"
+                                                                       f"{record.get('text', '')}")).value)
         elif event == records.END:  # how the run ended, and why: "stopped: `fg-bus ctl stop` from alice@gpu1 ..."
             ended = end_text(record.get("status") if isinstance(record.get("status"), str) else "?",
                              record.get("reason"), limit=2000)
@@ -258,7 +264,7 @@ class TensorBoardSink(Sink):
     def _scalars(metrics: dict, tag) -> list:
         out = []
         for key, value in metrics.items():
-            if key in _SKIP or isinstance(value, bool) or not isinstance(value, (int, float)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
                 continue
             out.append(summary_pb2.Summary.Value(tag=tag(key), simple_value=float(value)))
         return out
@@ -295,6 +301,51 @@ def _wall_time(record: dict) -> float:
         return datetime.fromisoformat(record["timestamp"]).timestamp()
     except (TypeError, ValueError):
         return time.time()
+
+
+def _run_begin(record: dict) -> list:
+    """What transformers' TensorBoardCallback writes at train begin, `args` and `model_config` as JSON text
+    (under its tags, which torch's SummaryWriter.add_text names `args/text_summary`, ...),
+    plus the run's meta (`run/meta`) and its hyperparameters for TensorBoard's HParams dashboard (the args'
+    numbers, strings and booleans; any other value as its JSON)."""
+    meta = record["meta"]
+    values = list(text_pb("run/meta", _meta_markdown(record)).value)
+    args = meta.get("args") if isinstance(meta.get("args"), dict) else None
+    if args is not None:
+        values += text_pb("args/text_summary", json.dumps(args, indent=2, sort_keys=True, default=str)).value
+    config = (meta.get("model") or {}).get("config") if isinstance(meta.get("model"), dict) else None
+    if config:
+        values += text_pb("model_config/text_summary", json.dumps(config, indent=2, sort_keys=True, default=str)).value
+    if args:
+        from tensorboard.plugins.hparams import summary_v2 as hparams
+
+        flat = {k: v if isinstance(v, (bool, int, float, str)) else json.dumps(v, default=str)
+                for k, v in args.items() if v is not None}
+        values += hparams.hparams_pb(flat, trial_id=record["run"], start_time_secs=_wall_time(record)).value
+    return values
+
+
+def _experiment_markdown(meta: dict) -> str:
+    """The seed's experiment info (TBLogger / JsonLogger name, description, ...): each field on its line."""
+    lines = [f"**{key}** {_verbatim(str(value), block=False)}  " for key, value in meta.items()
+             if isinstance(value, (str, int, float)) and key != "source"]
+    if meta.get("source"):
+        lines.append(f"*from {meta['source']}*")
+    return "\n".join(lines)
+
+
+def _verbatim(text: str, block: bool = True) -> str:
+    """`text` as TensorBoard's markdown shows it unchanged: a fenced block (block) or an inline code span,
+    so a prompt that ends in a space, or holds `*`, `_` or `#`, comes out as written."""
+    if block:
+        fence = "```"
+        while fence in text:
+            fence += "`"
+        return f"{fence}\n{text}\n{fence}"
+    ticks = "`"
+    while ticks in text:
+        ticks += "`"
+    return f"{ticks} {text} {ticks}"
 
 
 def _meta_markdown(record: dict) -> str:

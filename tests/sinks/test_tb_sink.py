@@ -103,17 +103,19 @@ def test_a_run_read_back_with_tensorboard(tmp_path):
         "train/step_grad_norm": ([1, 2, 3, 4], [1.5, 1.2, 3.0, 0.9]),
         "train/train_loss": ([4], [1.7]),
         "train/train_runtime": ([4], [12.5]),
+        # as transformers' TensorBoardCallback: every number of a log, epoch and total_flos too
+        "train/epoch": ([2, 4, 4, 4], [0.5, 1.0, 1.0, 1.0]),
+        "train/total_flos": ([2, 4, 4], [1234.0, 2468.0, 2468.0]),
     }
     assert scalars == set(expected), scalars
     for tag, (steps, values) in expected.items():
         got_steps, got_values = points(ea, tag)
         assert got_steps == steps, tag
         assert_values(got_values, values)
-    # epoch and total_flos are not curves (transformers does not plot them either)
-    assert not any("epoch" in tag or "flos" in tag for tag in scalars)
     # a scalar's wall time is the record's timestamp
     assert ea.Scalars("train/loss")[0].wall_time == datetime.fromisoformat(a_run()[4]["timestamp"]).timestamp()
-    assert sink.scalars_written == sum(len(v[0]) for v in expected.values()) + 3  # + the three texts
+    # + the texts (run/meta, args, textgen/sample_0, run/end) and the hparams session
+    assert sink.scalars_written == sum(len(v[0]) for v in expected.values()) + 5
 
 
 def test_meta_and_samples_are_text(tmp_path):
@@ -125,7 +127,8 @@ def test_meta_and_samples_are_text(tmp_path):
     assert "tiny-demo" in meta and "a run for the sink tests" in meta and RUN_ID in meta
     assert "tests:TinyRegression" in meta  # the configuration is there too
     sample = text(ea, "textgen/sample_0")
-    assert "Once upon" in sample and " a time there was a sink" in sample
+    assert sample == "```\nOnce upon a time there was a sink\n```"  # verbatim, in a fenced block
+    assert json.loads(text(ea, "args/text_summary")) == META["args"]  # as transformers' TensorBoardCallback writes it
     assert [e.step for e in ea.Tensors("textgen/sample_0")] == [4]
 
 
@@ -377,3 +380,33 @@ def test_system_records_become_system_scalars_at_their_step_and_time(tmp_path):
     assert points(ea, "system/gpu0_throttle") == ([3, 7], [4.0, 0.0])
     assert [e.wall_time for e in ea.Scalars("system/cpu_percent")] == \
         [datetime.fromisoformat(r["timestamp"]).timestamp() for r in recs[1:]]
+
+
+def test_hparams_model_config_experiment_info_and_verbatim_samples(tmp_path):
+    from tensorboard.plugins.hparams import metadata
+
+    meta = {**META, "model": {"factory": "tests:TinyRegression", "config": {"n_layer": 2, "act": "gelu"}},
+            "args": {"learning_rate": 0.001, "max_steps": 4, "bf16": False, "run_name": "a b",
+                     "lr_scheduler_kwargs": {"power": 2}, "seed": None}}
+    recs = [rec(0, "on_train_begin", 0, meta=meta),
+            rec(1, "experiment", 0, meta={"source": "TBLogger", "name": "seed *run*", "description": "tries_it"}),
+            rec(2, "textgen", 3, prompt="The ", text="**bold** _x_ # not a heading\n```code```", prompt_index=0),
+            rec(3, "end", 3, status="completed")]
+    write_run(tmp_path, recs)
+    ea = load(tmp_path / "tb" / RUN_ID)
+    assert json.loads(text(ea, "model_config/text_summary")) == {"n_layer": 2, "act": "gelu"}
+    # TensorBoard's HParams plugin: a session start with the args (numbers, strings, booleans; the rest as JSON)
+    [tag] = [t for t in ea.Tags()["tensors"] if t.startswith("_hparams_")]
+    content = ea.SummaryMetadata(tag).plugin_data
+    assert content.plugin_name == metadata.PLUGIN_NAME
+    start = metadata.parse_session_start_info_plugin_data(content.content)
+    assert start.hparams["learning_rate"].number_value == 0.001 and start.hparams["max_steps"].number_value == 4
+    assert start.hparams["bf16"].bool_value is False and start.hparams["run_name"].string_value == "a b"
+    assert start.hparams["lr_scheduler_kwargs"].string_value == '{"power": 2}' and "seed" not in start.hparams
+    assert start.group_name == RUN_ID
+    experiment = text(ea, "run/experiment")
+    assert "**name** ` seed *run* `" in experiment and "**description** ` tries_it `" in experiment
+    assert "from TBLogger" in experiment
+    # the prompt's trailing space and the markdown in the sample come out as written: a longer fence
+    sample = text(ea, "textgen/sample_0")
+    assert sample == "````\nThe **bold** _x_ # not a heading\n```code```\n````"

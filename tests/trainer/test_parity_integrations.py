@@ -125,6 +125,41 @@ def test_tensorboard_callback_writes_the_same_scalars_in_both_trainers(tmp_path,
         assert [v for _, v in ours_scalars[tag]] == pytest.approx([v for _, v in points], rel=1e-5, abs=1e-6), tag
 
 
+def test_fg_sink_tb_writes_what_transformers_tensorboard_callback_writes(tmp_path, monkeypatch, fg_home):
+    """One run of our Trainer with transformers' TensorBoardCallback and a bus; `fg-sink tb` fed the run's
+    journal afterwards: every scalar the callback wrote, at the same steps with the same values, and its
+    `args` text (model_config too, for a model with a config)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from sinks.runner import run_sink
+    from sinks.tb_sink import TensorBoardSink
+
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "hf-tb"))
+    bus = fg.BusCallback()
+    trainer = fg.Trainer(TinyRegression(), fg.TrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True,
+                                                                report_to="none", disable_tqdm=True, **ARGS),
+                         train_dataset=RegressionDataset(8), eval_dataset=RegressionDataset(4, seed=1),
+                         callbacks=[integration_utils.TensorBoardCallback()], event_bus=bus)
+    trainer.train()
+    bus.close()
+    assert run_sink(TensorBoardSink(logdir=str(tmp_path / "fg-tb")), run=bus.run_id) == 0
+
+    def read(path):
+        acc = EventAccumulator(str(path), size_guidance={"scalars": 0, "tensors": 0})
+        acc.Reload()
+        return acc
+
+    hf, ours = read(tmp_path / "hf-tb"), read(tmp_path / "fg-tb" / bus.run_id)
+    hf_scalars = {tag: [(e.step, e.value) for e in hf.Scalars(tag)] for tag in hf.Tags()["scalars"]}
+    assert {"train/epoch", "train/total_flos", "train/loss", "eval/loss"} <= hf_scalars.keys()
+    for tag, points in hf_scalars.items():
+        got = [(e.step, e.value) for e in ours.Scalars(tag)]
+        assert [s for s, _ in got] == [s for s, _ in points], tag
+        assert [v for _, v in got] == pytest.approx([v for _, v in points], rel=1e-6), tag
+    assert "args/text_summary" in hf.Tags()["tensors"] and "args/text_summary" in ours.Tags()["tensors"]
+    assert json.loads(ours.Tensors("args/text_summary")[0].tensor_proto.string_val[0])["max_steps"] == ARGS["max_steps"]
+
+
 # -- KubeflowCallback, against a loopback server ----------------------------------------------------------
 
 class _StatusServer(http.server.ThreadingHTTPServer):
