@@ -80,6 +80,55 @@ def tiny_model():
     return TinyRegression()
 
 
+def _become_subreaper() -> None:
+    """Orphans of this test process (a torchrun whose fg-train launcher a test killed, a sink's children)
+    become our children instead of init's, so `_no_process_left_behind` can find them (Linux only)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+    except (OSError, AttributeError):
+        pass
+
+
+_become_subreaper()
+
+
+#: what marks a process as one of this project's commands (not a library's helper, such as wandb's service,
+#: which lives as long as the test process on purpose)
+_OUR_COMMANDS = ("fg-train", "fg-sink", "fg-bus", "-m trainer", "torch.distributed.run", "-m sinks", "mlflow server",
+                 "mlflow.server")
+
+
+def _ours(proc) -> bool:
+    import psutil
+
+    try:
+        command = " ".join(proc.cmdline())
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return False
+    return any(mark in command for mark in _OUR_COMMANDS)
+
+
+@pytest.fixture(autouse=True)
+def _no_process_left_behind():
+    """Every process a test started (and their orphans) is gone when it ends: a failed test that killed
+    only `fg-train` would otherwise leave its torchrun ranks training on, loading the machine for the tests
+    after it. Processes started before the test (a module's fixture) are left alone."""
+    import psutil
+
+    me = psutil.Process()
+    before = {p.pid for p in me.children(recursive=True)}
+    yield
+    left = [p for p in me.children(recursive=True) if p.pid not in before and _ours(p)]
+    for proc in left:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(left, timeout=30)  # reaps them too (they are our children, or orphans we adopted)
+
+
 @pytest.fixture(autouse=True)
 def fg_home(tmp_path_factory, monkeypatch):
     """A private FG_HOME for every test (and the processes it starts): never the user's registry. Kept out
