@@ -2,7 +2,7 @@
 # Set up (once) and use the project's virtual environment, then run a command inside it.
 #
 #   bash scripts/env.sh fg-train                  # install fg-bus, then train the built-in default
-#   bash scripts/env.sh --dev python -m pytest -n 2   # also install the dev, hf and gpu extras, then run the tests
+#   bash scripts/env.sh --dev python -m pytest -n 2   # also install the dev, hf, gpu and tracker extras, then run the tests
 #
 # Creates .venv with the first python3.11 / python3 found (override with PYTHON=...). Installs the CPU
 # build torch==2.13.0 only when the environment has no torch yet: an existing (CUDA) torch is kept.
@@ -13,7 +13,7 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${FG_VENV:-$root/.venv}"
 extras=""
 if [ "${1:-}" = "--dev" ]; then
-    extras="[dev,hf,gpu]"
+    extras="[dev,hf,gpu,mlflow,wandb,trackio]"
     shift
 fi
 

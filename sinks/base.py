@@ -18,6 +18,8 @@ sink (exit 8) with the command that resumes it.
 
 from __future__ import annotations
 
+import time
+from datetime import datetime
 from typing import Any
 
 from fg_bus.registry import RunInfo
@@ -61,3 +63,26 @@ def output_dir_of(info: RunInfo) -> str:
 def expand(template: str, info: RunInfo) -> str:
     """`{run}` and `{output_dir}` in an output path."""
     return template.format(run=info.run_id, output_dir=output_dir_of(info))
+
+
+def record_time(record: dict[str, Any]) -> float:
+    """When the record happened (its `timestamp`, as a Unix time), for the point a tracker stores: the
+    training time, never the replay's; now, for a record without a readable one."""
+    try:
+        return datetime.fromisoformat(record["timestamp"]).timestamp()
+    except (KeyError, TypeError, ValueError):
+        return time.time()
+
+
+def rewrite_logs(metrics: dict[str, Any]) -> dict[str, Any]:
+    """transformers' `rewrite_logs` (its TensorBoard, W&B and trackio integrations): `eval_x` -> `eval/x`,
+    `test_x` -> `test/x`, anything else `train/x`."""
+    out = {}
+    for key, value in metrics.items():
+        for prefix in ("eval", "test"):
+            if key.startswith(prefix + "_"):
+                out[f"{prefix}/{key[len(prefix) + 1:]}"] = value
+                break
+        else:
+            out[f"train/{key}"] = value
+    return out

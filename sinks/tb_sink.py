@@ -44,7 +44,7 @@ from fg_bus.monitor import end_text, failure_frame
 from fg_bus.registry import RunInfo, write_json_atomic
 
 from ._output import AppendFile, OutputError, OutputLock, dir_mode, file_mode, make_dirs
-from .base import Sink, expand
+from .base import Sink, expand, record_time
 
 logger = logging.getLogger(__name__)
 
@@ -255,7 +255,7 @@ class TensorBoardSink(Sink):
             values = list(text_pb("run/end", ended + (f"\n\nat `{frame}`" if frame else "")).value)
         tb_event = None
         if values:
-            wall = _wall_time(record)
+            wall = record_time(record)
             tb_event = event_pb2.Event(wall_time=wall, step=step, summary=summary_pb2.Summary(value=values))
             self.scalars_written += len(values)
         self.logs[record["rank"]].write(tb_event, record["seq"], durable=event in ("on_save", records.END))
@@ -294,15 +294,6 @@ class TensorBoardSink(Sink):
         self._close_logs()
 
 
-def _wall_time(record: dict) -> float:
-    from datetime import datetime
-
-    try:
-        return datetime.fromisoformat(record["timestamp"]).timestamp()
-    except (TypeError, ValueError):
-        return time.time()
-
-
 def _run_begin(record: dict) -> list:
     """What transformers' TensorBoardCallback writes at train begin, `args` and `model_config` as JSON text
     (under its tags, which torch's SummaryWriter.add_text names `args/text_summary`, ...),
@@ -321,7 +312,7 @@ def _run_begin(record: dict) -> list:
 
         flat = {k: v if isinstance(v, (bool, int, float, str)) else json.dumps(v, default=str)
                 for k, v in args.items() if v is not None}
-        values += hparams.hparams_pb(flat, trial_id=record["run"], start_time_secs=_wall_time(record)).value
+        values += hparams.hparams_pb(flat, trial_id=record["run"], start_time_secs=record_time(record)).value
     return values
 
 

@@ -9,7 +9,8 @@ from .divergence import DivergenceDetector
 from .default_callbacks import EarlyStoppingCallback, InfoCallback, PrinterCallback, ProgressCallback
 from .state import ExportableState, TrainerControl, TrainerState
 from .bus_callback import BusCallback, attach_bus
-from .sink_callbacks import AlertLogger, GradLogger, JsonLogger, TailLogger, TBLogger, TextgenCallback
+from .sink_callbacks import (AlertLogger, GradLogger, JsonLogger, TailLogger, TBLogger, TextgenCallback,
+                             TrackerLogger)
 from .trainer import Trainer
 from .training_args import IntervalStrategy, SaveStrategy, SchedulerType, TrainingArguments
 
@@ -21,6 +22,7 @@ __all__ = [
     "TBLogger",
     "TailLogger",
     "TextgenCallback",
+    "TrackerLogger",
     "EVENTS",
     "CallbackHandler",
     "DefaultFlowCallback",

@@ -29,13 +29,14 @@ from .callbacks import TrainerCallback
 from .config import ConfigError, load_config, parse_value, peek_arg, peek_seed
 from .default_callbacks import PrinterCallback, ProgressCallback
 from .run_config import build_trainer, default_config_path
-from .sink_callbacks import AlertLogger, JsonLogger, SinkProcess, TailLogger, TBLogger, TextgenCallback, sink_problems
+from .sink_callbacks import (TRACKER_KINDS, AlertLogger, JsonLogger, SinkProcess, TailLogger, TBLogger, TextgenCallback,
+                             TrackerLogger, sink_problems, tracker_missing)
 
 logger = logging.getLogger("trainer")
 
 SEED_MAX = 2**63 - 1  # torch.manual_seed takes up to 2**64 - 1; the sampler seeds seed + epoch
 EXIT_USAGE, EXIT_SINK_FAILED, EXIT_INCOMPLETE = 2, 3, 4
-SINK_KINDS = ("tb", "json", "textgen", "tail", "alert")
+SINK_KINDS = ("tb", "json", "textgen", "tail", "alert", *TRACKER_KINDS)
 
 EPILOG = """\
 examples:
@@ -127,9 +128,10 @@ def parser() -> argparse.ArgumentParser:
     bus = p.add_argument_group("event bus")
     bus.add_argument("--no-bus", action="store_true", help="do not publish events (no journal, nothing to follow)")
     bus.add_argument("--sinks", type=_sink_list, default=[], metavar="LIST",
-                     help="start these sinks for the run, as separate processes: tb,json,textgen,tail,alert "
-                          "(alert: fg-sink alert's default rules, on this terminal's stderr and in "
-                          "OUTPUT_DIR/alerts/RUN.jsonl)")
+                     help="start these sinks for the run, as separate processes: tb,json,textgen,tail,alert,"
+                          "mlflow,wandb,trackio (alert: fg-sink alert's default rules, on this terminal's stderr and "
+                          "in OUTPUT_DIR/alerts/RUN.jsonl; the trackers are configured by their usual environment "
+                          "variables and need their extra, e.g. pip install 'fg-bus[mlflow]')")
     bus.add_argument("--textgen-every", type=_positive_int, default=100, metavar="N",
                      help="with --sinks textgen: snapshot and generate every N steps (default 100)")
     bus.add_argument("--bus-tcp", metavar="HOST:PORT", type=_host_port,
@@ -153,6 +155,10 @@ def _sink_list(text: str) -> list[str]:
     unknown = [k for k in kinds if k not in SINK_KINDS]
     if unknown:
         raise argparse.ArgumentTypeError(f"unknown sink(s) {', '.join(unknown)}; choose from {', '.join(SINK_KINDS)}")
+    for kind in kinds:  # said now, not by a sink process that exits at once
+        missing = tracker_missing(kind) if kind in TRACKER_KINDS else None
+        if missing:
+            raise argparse.ArgumentTypeError(missing)
     return kinds
 
 
@@ -256,7 +262,8 @@ def main(argv: list[str] | None = None) -> int:
         trainer.add_callback({"tb": TBLogger, "json": JsonLogger,
                               "tail": _TerminalTail if sys.stdout.isatty() else TailLogger,
                               "textgen": lambda: TextgenCallback(generation_steps=opts.textgen_every),
-                              "alert": AlertLogger}[kind]())
+                              "alert": AlertLogger,
+                              **{k: lambda k=k: TrackerLogger(k) for k in TRACKER_KINDS}}[kind]())
     if "tail" in opts.sinks:
         # The tail sink prints the run in this terminal; a progress bar beside it would garble both.
         trainer.remove_callback(ProgressCallback)

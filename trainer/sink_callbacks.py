@@ -292,6 +292,32 @@ class AlertLogger(SinkProcess):
         return DEFAULT_LOG
 
 
+#: the trackers `TrackerLogger` (and `fg-train --sinks`) can replay into; each needs its extra (its client)
+TRACKER_KINDS = ("mlflow", "wandb", "trackio")
+
+
+def tracker_missing(kind: str) -> str | None:
+    """Why `fg-sink KIND` cannot run here (its client library is not installed), or None."""
+    import importlib.util
+
+    if importlib.util.find_spec(kind) is None:
+        return f"the {kind} sink needs the {kind} extra: pip install 'fg-bus[{kind}]'"
+    return None
+
+
+class TrackerLogger(SinkProcess):
+    """A run replayed into a tracker, `fg-sink KIND` for KIND mlflow, wandb or trackio, in its own process
+    (the tracker's client never runs in the training process): configured the tracker's usual way, by its
+    environment variables (MLFLOW_TRACKING_URI, WANDB_PROJECT, WANDB_MODE, TRACKIO_PROJECT, ...), which the
+    sink process inherits. Needs the tracker's extra (`pip install 'fg-bus[KIND]'`)."""
+
+    def __init__(self, kind: str, **metadata: Any):
+        if kind not in TRACKER_KINDS:
+            raise ValueError(f"unknown tracker {kind!r}: choose {', '.join(TRACKER_KINDS)}")
+        super().__init__(**metadata)
+        self.kind = kind
+
+
 class TailLogger(SinkProcess):
     """A live view of the run in this terminal (`fg-sink tail`), from a separate process."""
 
