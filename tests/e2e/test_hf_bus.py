@@ -129,7 +129,7 @@ def test_a_transformers_run_is_followed_by_json_and_tb_through_evaluate_and_pred
     assert [e.step for e in ea.Scalars("train/step_loss")] == [1, 2, 3, 4]
     assert [e.step for e in ea.Scalars("train/step_grad_norm")] == [1, 2, 3, 4]
     texts = [e.tensor_proto.string_val[0].decode() for e in ea.Tensors("textgen/sample_0")]
-    assert [t.removeprefix("**hello**") for t in texts] == [r["text"] for r in samples]
+    assert texts == [f"```\nhello{r['text']}\n```" for r in samples]  # prompt and sample, verbatim
 
 
 # -- in-process --------------------------------------------------------------------------------------------

@@ -64,7 +64,8 @@ def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
 def texts(run_dir: Path) -> dict[str, list[str]]:
     ea = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "tensors": 0})
     ea.Reload()
-    return {tag: [e.tensor_proto.string_val[0].decode() for e in ea.Tensors(tag)] for tag in ea.Tags()["tensors"]}
+    return {tag: [e.tensor_proto.string_val[0].decode() for e in ea.Tensors(tag)] for tag in ea.Tags()["tensors"]
+            if ea.SummaryMetadata(tag).plugin_data.plugin_name == "text"}  # not the hparams session
 
 
 def test_sinks_started_before_the_run_write_complete_outputs(fg_home, tmp_path):

@@ -299,7 +299,7 @@ def test_a_callback_needing_a_library_runs_in_our_trainer_when_installed(tmp_pat
         pytest.skip(f"{name} needs {library}, which is not installed in this environment")
     # Installed: run it offline in our Trainer; it must not fail and must see the whole run.
     for var, value in (("WANDB_MODE", "offline"), ("COMET_MODE", "OFFLINE"), ("MLFLOW_TRACKING_URI",
-                       (tmp_path / "mlruns").as_uri()), ("NEPTUNE_MODE", "offline"), ("CLEARML_OFFLINE_MODE", "1"),
+                       f"sqlite:///{tmp_path / 'mlflow.db'}"), ("NEPTUNE_MODE", "offline"), ("CLEARML_OFFLINE_MODE", "1"),
                        ("SWANLAB_MODE", "offline"), ("TRACKIO_DIR", str(tmp_path / "trackio"))):
         monkeypatch.setenv(var, value)
     module = transformers.utils.notebook if name == "NotebookProgressCallback" else integration_utils
