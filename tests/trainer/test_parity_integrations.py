@@ -298,7 +298,7 @@ def test_a_callback_needing_a_library_runs_in_our_trainer_when_installed(tmp_pat
     if not available():
         pytest.skip(f"{name} needs {library}, which is not installed in this environment")
     # Installed: run it offline in our Trainer; it must not fail and must see the whole run.
-    for var, value in (("WANDB_MODE", "offline"), ("COMET_MODE", "OFFLINE"), ("MLFLOW_TRACKING_URI",
+    for var, value in (("WANDB_MODE", "offline"), ("WANDB_DIR", str(tmp_path)), ("COMET_MODE", "OFFLINE"), ("MLFLOW_TRACKING_URI",
                        f"sqlite:///{tmp_path / 'mlflow.db'}"), ("NEPTUNE_MODE", "offline"), ("CLEARML_OFFLINE_MODE", "1"),
                        ("SWANLAB_MODE", "offline"), ("TRACKIO_DIR", str(tmp_path / "trackio"))):
         monkeypatch.setenv(var, value)
