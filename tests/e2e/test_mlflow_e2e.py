@@ -1,9 +1,11 @@
 """`fg-sink mlflow` as a user runs it, beside a real `fg-train`, into a real sqlite MLflow store read back with
 MlflowClient: started after the run ended it replays it whole (history = the journal), started again it adds
-nothing; a SIGKILLed trainer ends the MLflow run FAILED."""
+nothing; SIGKILLed mid-run and started again it continues the same MLflow run with no point twice; a SIGKILLed
+trainer ends the MLflow run FAILED."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -121,6 +123,46 @@ def records_ms(record: dict) -> int:
     from sinks.mlflow_sink import timestamp_ms
 
     return timestamp_ms(record)
+
+
+def state_seq(out: Path) -> int:
+    """How far the sink's state file says MLflow holds rank 0 (0 until it exists)."""
+    try:
+        (path,) = (out / "mlflow").glob("*.json")
+        return json.loads(path.read_text())["ranks"]["0"]["next_seq"]
+    except (ValueError, OSError, KeyError):  # not written yet, or being replaced
+        return 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_sigkilled_mid_run_and_started_again_continues_the_run_with_no_point_twice(tmp_path, fg_home):
+    out, db = tmp_path / "out", tmp_path / "mlflow.db"
+    train = fg_train(fg_home, out, tmp_path / "train.log", max_steps=3000)  # long enough to outlast mlflow's import
+    try:
+        deadline = time.monotonic() + 300
+        while not list((out / "fg-bus").glob("*/journal.rank0.jsonl")):
+            assert time.monotonic() < deadline and train.poll() is None, (tmp_path / "train.log").read_text()
+            time.sleep(0.1)
+        sink = fg_sink(fg_home, out, db)
+        while state_seq(out) < 100:  # MLflow holds the first logs: the kill lands in the middle of the run
+            assert time.monotonic() < deadline and sink.poll() is None, sink.stderr.read() if sink.poll() else ""
+            time.sleep(0.1)
+        sink.send_signal(signal.SIGKILL)
+        sink.wait(30)
+        assert train.poll() is None or train.returncode == 0  # the trainer never waits on the sink
+        again = fg_sink(fg_home, out, db)
+        _, err = again.communicate(timeout=300)
+        assert again.returncode == 0, err
+        assert train.wait(300) == 0, (tmp_path / "train.log").read_text()
+    finally:
+        if train.poll() is None:
+            train.kill()
+            train.wait(30)
+    run, got = the_run(db)  # one MLflow run: the restarted sink continued it
+    assert run.info.status == "FINISHED"
+    assert_equals_journal(got, journal(out))  # every point once, none missing
+    assert [p[1] for p in got["loss"]] == list(range(5, 3001, 5))
 
 
 @pytest.mark.timeout(900)
