@@ -79,8 +79,10 @@ class SinkProcess(TrainerCallback):
     def output(self) -> str | None:
         """Where the sink wrote this run's output (a directory or a file), once it was started."""
         template = self.output_template() if self.run_dir is not None else None
-        if template is None:
-            return None
+        return None if template is None else self._expand(template)
+
+    def _expand(self, template: str) -> str | None:
+        """`template` with this run's `{output_dir}` / `{run}` (None: the run's run.json is unreadable)."""
         from fg_bus import registry
         from sinks.base import expand
 
@@ -316,6 +318,29 @@ class TrackerLogger(SinkProcess):
             raise ValueError(f"unknown tracker {kind!r}: choose {', '.join(TRACKER_KINDS)}")
         super().__init__(**metadata)
         self.kind = kind
+        self.output_label = {"mlflow": "MLflow", "wandb": "W&B"}.get(kind, kind)
+
+    @property
+    def output(self) -> str | None:
+        """Where the tracker holds the run, as the sink process finds it (the same environment), for the
+        closing lines; no credential: an MLflow URI is shown without user, password or query."""
+        if self.run_dir is None:
+            return None
+        env = os.environ
+        if self.kind == "mlflow":
+            from sinks.mlflow_sink import public_uri
+
+            uri = env.get("MLFLOW_TRACKING_URI")
+            where = public_uri(uri) if uri else "MLflow's default tracking URI (MLFLOW_TRACKING_URI unset)"
+            return f"{where}, experiment {env.get('MLFLOW_EXPERIMENT_NAME') or 'Default'}"
+        if self.kind == "wandb":
+            from sinks.wandb_sink import DEFAULT_PROJECT
+
+            files = Path(env.get("WANDB_DIR") or self._expand("{output_dir}") or "OUTPUT_DIR") / "wandb"
+            return (f"project {env.get('WANDB_PROJECT') or DEFAULT_PROJECT} ({env.get('WANDB_MODE') or 'online'}), "
+                    f"files in {files}")
+        store = env.get("TRACKIO_DIR") or str(Path(env.get("HF_HOME") or "~/.cache/huggingface").expanduser() / "trackio")
+        return f"store {store}" + (f", project {env['TRACKIO_PROJECT']}" if env.get("TRACKIO_PROJECT") else "")
 
 
 class TailLogger(SinkProcess):

@@ -189,7 +189,8 @@ def test_a_sigkilled_trainer_ends_the_trackio_run_dead(fg_home, tmp_path):
 
 def test_fg_train_sinks_trackio_starts_the_sink_and_the_tracker_holds_the_run(fg_home, tmp_path):
     """`fg-train --sinks trackio`, configured by the environment as trackio is (TRACKIO_PROJECT, TRACKIO_DIR):
-    the sink process fg-train starts replays the run, and the store equals the journal when fg-train ends."""
+    the sink process fg-train starts replays the run, and the store equals the journal when fg-train ends; the
+    closing lines name the store."""
     store, out = tmp_path / "store", tmp_path / "out"
     proc = subprocess.run([str(BIN / "fg-train"), str(TINY), "--device", "cpu", "--output-dir", str(out),
                            "--max-steps", "30", "--sinks", "trackio", "--no-progress"],
@@ -198,3 +199,5 @@ def test_fg_train_sinks_trackio_starts_the_sink_and_the_tracker_holds_the_run(fg
     assert proc.returncode == 0, proc.stdout + proc.stderr
     [run] = read_store(store)
     assert_equals_journal(run, bus_dir(out) / "journal.rank0.jsonl")
+    # the closing lines say where the tracker holds the run, beside the journal
+    assert "trackio:" in proc.stdout and f"store {store}, project {PROJECT}" in proc.stdout, proc.stdout
