@@ -102,6 +102,12 @@ class OutputLock:
             self._fd = None
 
 
+def released(lock: OutputLock | None) -> None:
+    """Release `lock` if one is held. Returns None, for a sink's `self._lock = released(self._lock)`."""
+    if lock is not None:
+        lock.release()
+
+
 class AppendFile:
     """An append-only file with its own buffer, so a failed write loses nothing: what the OS did not take
     stays in the buffer, and `flush()` tries again (after a full disk, until space returns). `size` is

@@ -47,7 +47,7 @@ from fg_bus import records, registry
 from fg_bus.monitor import failure_frame, reason_text
 from fg_bus.registry import RunInfo
 
-from ._output import AppendFile, OutputError, OutputLock, dir_mode, file_mode, make_dirs, printable
+from ._output import AppendFile, OutputError, OutputLock, dir_mode, file_mode, make_dirs, printable, released
 from .base import Sink, expand
 
 logger = logging.getLogger(__name__)
@@ -235,7 +235,7 @@ class AlertSink(Sink):
         lock = path.with_name(f".{path.name}.lock")
         if self._lock is not None and self._lock.path == lock:
             return
-        self._release_lock()
+        self._lock = released(self._lock)
         self._lock = OutputLock(lock, f"the alert log {path}", file_mode(self.group_readable)).acquire()
 
     def handle(self, record: dict) -> None:
@@ -296,7 +296,7 @@ class AlertSink(Sink):
         try:
             self._close_log()
         finally:
-            self._release_lock()
+            self._lock = released(self._lock)
 
     def _close_log(self) -> None:
         if self._file is not None:
@@ -305,11 +305,6 @@ class AlertSink(Sink):
                 file.sync()
             finally:
                 file.close()
-
-    def _release_lock(self) -> None:
-        if self._lock is not None:
-            self._lock.release()
-            self._lock = None
 
     # -- rules --
 

@@ -56,7 +56,7 @@ from typing import Any
 from fg_bus import records
 from fg_bus.registry import RunInfo, write_json_atomic
 
-from ._output import OutputError, OutputLock, dir_mode, file_mode, make_dirs, printable
+from ._output import OutputError, OutputLock, dir_mode, file_mode, make_dirs, printable, released
 from .base import Sink, expand, record_time
 
 logger = logging.getLogger(__name__)
@@ -229,7 +229,7 @@ class MlflowSink(Sink):
         from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
         self._max_param = MAX_PARAM_VAL_LENGTH
-        self.release()
+        self._lock = released(self._lock)
         self.client = MlflowClient(tracking_uri=self.tracking_uri)
         uri = self.tracking_uri or mlflow.get_tracking_uri()
         self.where = public_uri(str(uri))
@@ -505,14 +505,9 @@ class MlflowSink(Sink):
         run.ended = mlflow_status
         self._save_state()
 
-    def release(self) -> None:
-        if self._lock is not None:
-            self._lock.release()
-            self._lock = None
-
     def close(self) -> None:
         """Release the lock and the signal handlers; a batch not sent is sent by the next sink (its position)."""
-        self.release()
+        self._lock = released(self._lock)
         for s, previous in self._handlers.items():
             signal.signal(s, previous)
         self._handlers = {}

@@ -43,7 +43,7 @@ from fg_bus import records
 from fg_bus.monitor import end_text, failure_frame
 from fg_bus.registry import RunInfo, write_json_atomic
 
-from ._output import AppendFile, OutputError, OutputLock, dir_mode, file_mode, make_dirs
+from ._output import AppendFile, OutputError, OutputLock, dir_mode, file_mode, make_dirs, released
 from .base import Sink, expand, record_time
 
 logger = logging.getLogger(__name__)
@@ -115,10 +115,10 @@ class _RankLog:
         try:
             return self._open()
         except OSError as e:
-            self.release()
+            self._lock = released(self._lock)
             raise OutputError(f"cannot write the TensorBoard run {self.run_dir}: {e}") from None
         except OutputError:
-            self.release()
+            self._lock = released(self._lock)
             raise
 
     def _open(self) -> int | None:
@@ -165,12 +165,7 @@ class _RankLog:
                 finally:
                     events.close()
         finally:
-            self.release()
-
-    def release(self) -> None:
-        if self._lock is not None:
-            self._lock.release()
-            self._lock = None
+            self._lock = released(self._lock)
 
 
 def _read_position(path: Path) -> dict:

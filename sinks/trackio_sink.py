@@ -43,7 +43,7 @@ from fg_bus import records, registry
 from fg_bus.monitor import end_text
 from fg_bus.registry import RunInfo, write_json_atomic
 
-from ._output import OutputError, OutputLock, dir_mode, file_mode, make_dirs, printable
+from ._output import OutputError, OutputLock, dir_mode, file_mode, make_dirs, printable, released
 from .base import Sink, expand, rewrite_logs
 
 logger = logging.getLogger(__name__)
@@ -211,11 +211,11 @@ class TrackioSink(Sink):
         state = self._read_state(path) if path.exists() else {}
         self.project = self.project_option or state.get("project")
         if state.get("project") is not None and self.project != state["project"]:
-            self._release()
+            self._lock = released(self._lock)
             raise OutputError(f"{path}: this run was replayed into trackio project {state.get('project')!r}, not "
                               f"{self.project!r}; move {path} away to replay it whole into {self.project!r}")
         if state and state.get("trackio_dir") != str(self.store_dir):
-            self._release()
+            self._lock = released(self._lock)
             raise OutputError(f"{path}: this run was replayed into the trackio store {state.get('trackio_dir')}, "
                               f"not {self.store_dir}; move {path} away to replay it whole into this one")
         if self.project is not None:
@@ -239,7 +239,7 @@ class TrackioSink(Sink):
         try:
             self.storage.validate_project_name(project)
         except ValueError as e:
-            self._release()
+            self._lock = released(self._lock)
             raise OutputError(f"trackio project {project!r}: {e}") from None
 
     @staticmethod
@@ -514,12 +514,7 @@ class TrackioSink(Sink):
         finally:
             self.runs = {}
             self.state_path = None
-            self._release()
-
-    def _release(self) -> None:
-        if self._lock is not None:
-            self._lock.release()
-            self._lock = None
+            self._lock = released(self._lock)
 
     def close(self) -> None:
         self._close_run()

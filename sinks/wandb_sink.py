@@ -44,7 +44,7 @@ from fg_bus import records
 from fg_bus.registry import RunInfo, write_json_atomic
 
 from . import _wandb_file
-from ._output import OutputError, OutputLock, dir_mode, file_mode, make_dirs, printable
+from ._output import OutputError, OutputLock, dir_mode, file_mode, make_dirs, printable, released
 from .base import Sink, expand, record_time, rewrite_logs
 
 logger = logging.getLogger(__name__)
@@ -147,7 +147,7 @@ class _RankRun:
             self._start(resume=True, segments=segments)
             return self.next_seq
         except BaseException:
-            self.release()
+            self._lock = released(self._lock)
             raise
 
     def _start(self, record: dict | None = None, resume: bool = False, segments: list[Path] = ()) -> None:
@@ -307,12 +307,7 @@ class _RankRun:
         try:
             self.finish(0, preempting=True)
         finally:
-            self.release()
-
-    def release(self) -> None:
-        if self._lock is not None:
-            self._lock.release()
-            self._lock = None
+            self._lock = released(self._lock)
 
 
 def _train_begin(info: RunInfo, rank: int, within: int = 100) -> dict | None:

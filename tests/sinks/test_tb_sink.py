@@ -175,7 +175,7 @@ def read_position(run_dir: Path) -> dict:
 def kill(sink: TensorBoardSink) -> None:
     """What a killed sink leaves: its event file as written, no close(); the kernel drops its lock."""
     sink.events.close()
-    sink.logs[0].release()
+    sink.logs[0]._lock.release()
 
 
 def test_position_sidecar_follows_every_flush(tmp_path):
