@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import statistics
 import subprocess
 import sys
 import time
@@ -139,7 +138,6 @@ def test_a_stopped_subscriber_does_not_slow_the_trainer_and_catches_up(train, fg
             assert t.proc.poll() is None and follower.poll() is None
             time.sleep(0.05)
         follower.send_signal(signal.SIGSTOP)
-        stopped_at = time.time()
         # The trainer finishes the whole run while its subscriber is frozen: publishing never waits for it.
         assert t.wait() == 0, t.output()
         assert follower.poll() is None
@@ -152,22 +150,6 @@ def test_a_stopped_subscriber_does_not_slow_the_trainer_and_catches_up(train, fg
     got = complete_lines(out)
     assert contiguous(got) and got[-1]["event"] == "end"
     assert len(got) == len(journal(info))
-    # Step time while the subscriber was stopped, against the steps before: printed, not asserted (a
-    # timing depends on the load of the machine, and timings belong in bench/).
-    ends = [r for r in journal(info) if r["event"] == "on_step_end"]
-    times = [(r["global_step"], _ts(r["timestamp"])) for r in ends]
-    gaps_before = [b - a for (_, a), (_, b) in zip(times, times[1:]) if b < stopped_at]
-    gaps_during = [b - a for (_, a), (_, b) in zip(times, times[1:]) if a > stopped_at]
-    assert gaps_before and gaps_during
-    ratio = statistics.median(gaps_during) / statistics.median(gaps_before)
-    print(f"median step time: {statistics.median(gaps_before) * 1e3:.2f} ms before the stop, "
-          f"{statistics.median(gaps_during) * 1e3:.2f} ms while stopped (ratio {ratio:.2f})")
-
-
-def _ts(text: str) -> float:
-    from datetime import datetime
-
-    return datetime.fromisoformat(text).timestamp()
 
 
 def test_a_subscriber_killed_and_restarted_from_its_last_seq_ends_complete(train, fg_home, tmp_path):
@@ -200,7 +182,7 @@ def test_a_killed_trainer_is_reported_dead_and_its_journal_reads_back(train, fg_
     killed = time.monotonic()
     while not sub.finished:
         got += sub.poll(1.0)
-        assert time.monotonic() - killed < 15, "not reported dead within a few heartbeats"
+        assert time.monotonic() - killed < 60, "not reported dead: a hang (dead_after is 3 s)"
     assert sub.status == "dead"
     assert sub.end_reason == {"text": f"its process (pid {t.proc.pid}) is gone without ending the run"}
     print(f"reported dead {time.monotonic() - killed:.1f} s after SIGKILL")

