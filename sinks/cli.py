@@ -22,7 +22,6 @@ from .base import NullSink, Sink
 from .json_sink import DEFAULT_OUT, JsonSink
 from .runner import call_end_run, run_sink
 from .tail_sink import SYSTEM_EVERY, TailSink
-from .tb_sink import DEFAULT_LOGDIR, TensorBoardSink
 
 EPILOG = """\
 examples:
@@ -173,6 +172,8 @@ def _json_options(g) -> None:
 
 
 def _tb_options(g) -> None:
+    from .tb_sink import DEFAULT_LOGDIR  # imported here: the other sinks do not load tensorboard (~1 s)
+
     g.add_argument("--logdir", type=_template, default=DEFAULT_LOGDIR,
                    help=f"TensorBoard log directory; each run gets a subdirectory (default {DEFAULT_LOGDIR})")
 
@@ -321,6 +322,8 @@ def _build(opts) -> Sink:
     if opts.kind == "json":
         return JsonSink(out=opts.out, group_readable=opts.group_readable)
     if opts.kind == "tb":
+        from .tb_sink import TensorBoardSink
+
         return TensorBoardSink(logdir=opts.logdir, group_readable=opts.group_readable)
     if opts.kind == "tail":
         return TailSink(events=opts.events.split(",") if opts.events else None, as_json=opts.json,
