@@ -36,7 +36,7 @@ class Train:
              "--max-steps", str(max_steps), *args],
             stdout=self.log, stderr=subprocess.STDOUT, env=self.env, start_new_session=start_new_session)
 
-    def run_info(self, timeout: float = 60) -> registry.RunInfo:
+    def run_info(self, timeout: float = 240) -> registry.RunInfo:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             runs = list((self.out / "fg-bus").glob("*/run.json"))
@@ -50,7 +50,7 @@ class Train:
         path = info.journal_path()
         return path.read_bytes().count(b"\n") if path.exists() else 0
 
-    def wait_for_records(self, info: registry.RunInfo, n: int, timeout: float = 60) -> None:
+    def wait_for_records(self, info: registry.RunInfo, n: int, timeout: float = 240) -> None:
         deadline = time.monotonic() + timeout
         while self.journal_lines(info) < n:
             assert time.monotonic() < deadline, f"fewer than {n} records after {timeout} s"

@@ -34,7 +34,7 @@ def fg_sink(fg_home: Path, *args: str) -> subprocess.Popen:
                             env=env(fg_home))
 
 
-def bus_dir(out: Path, timeout: float = 60) -> Path:
+def bus_dir(out: Path, timeout: float = 240) -> Path:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         found = list((out / "fg-bus").glob("*/run.json"))
@@ -44,7 +44,7 @@ def bus_dir(out: Path, timeout: float = 60) -> Path:
     raise AssertionError("no run appeared")
 
 
-def wait_lines(path: Path, n: int, timeout: float = 60) -> None:
+def wait_lines(path: Path, n: int, timeout: float = 240) -> None:
     deadline = time.monotonic() + timeout
     while not path.exists() or path.read_bytes().count(b"\n") < n:
         assert time.monotonic() < deadline, f"{path} has fewer than {n} lines"

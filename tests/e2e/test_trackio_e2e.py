@@ -51,7 +51,7 @@ def fg_sink(fg_home: Path, store: Path, run: Path, *args: str) -> subprocess.Pop
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env(fg_home, store))
 
 
-def bus_dir(out: Path, timeout: float = 120) -> Path:
+def bus_dir(out: Path, timeout: float = 240) -> Path:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         found = list((out / "fg-bus").glob("*/run.json"))
@@ -69,14 +69,14 @@ def state_seq(out: Path, run_id: str) -> int:
         return 0
 
 
-def wait_state(out: Path, run_id: str, seq: int, timeout: float = 120) -> None:
+def wait_state(out: Path, run_id: str, seq: int, timeout: float = 240) -> None:
     deadline = time.monotonic() + timeout
     while state_seq(out, run_id) < seq:
         assert time.monotonic() < deadline, f"the sink's state did not reach seq {seq}"
         time.sleep(0.05)
 
 
-def training_seq(run_dir: Path, steps: int, timeout: float = 120) -> int:
+def training_seq(run_dir: Path, steps: int, timeout: float = 240) -> int:
     """The seq of the journal's `steps`-th on_step_end record, once it is there (training under way)."""
     deadline = time.monotonic() + timeout
     while True:
@@ -88,7 +88,7 @@ def training_seq(run_dir: Path, steps: int, timeout: float = 120) -> int:
         time.sleep(0.1)
 
 
-def finish(proc: subprocess.Popen, timeout: float = 120) -> tuple[int, str]:
+def finish(proc: subprocess.Popen, timeout: float = 240) -> tuple[int, str]:
     _, err = proc.communicate(timeout=timeout)
     return proc.returncode, err.decode(errors="replace")
 

@@ -89,7 +89,7 @@ def test_a_trainer_flooded_by_a_replay_client_that_never_reads_loses_nothing(fg_
     train = fg_train(fg_home, out, "--no-progress", max_steps=1_000_000, preexec_fn=_fd_limit_1024)
     try:
         bus = run_dir(out)
-        wait_for(lambda: steps_in(bus / "journal.rank0.jsonl") > 50, 60, "training to start")
+        wait_for(lambda: steps_in(bus / "journal.rank0.jsonl") > 50, 240, "training to start")
         info = registry.load_run(bus)
         replay = info.ranks["0"]["replay"]
         before = proc_status(train.pid)
@@ -271,7 +271,7 @@ def test_a_bus_thread_that_cannot_go_on_tells_training_and_the_end_status(fg_hom
     monkeypatch.setattr(publisher_module, "MAX_CONSECUTIVE_ERRORS", 3)
     monkeypatch.setattr(Publisher, "_drain", broken_drain)
     pub = Publisher(tmp_path / "bus" / "r", registry.new_run_id("d"), heartbeat_interval=0.2).start()
-    wait_for(lambda: pub.incomplete, 60, "the bus thread to give up")
+    wait_for(lambda: pub.incomplete, 240, "the bus thread to give up")
     assert "the disk controller is on fire" in pub.incomplete
     done = threading.Event()
 

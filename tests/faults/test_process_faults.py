@@ -52,7 +52,7 @@ def wait_for(predicate, timeout: float, what: str):
 
 
 def run_dir(out: Path) -> Path:
-    return wait_for(lambda: next(iter((out / "fg-bus").glob("*/run.json")), None), 60, "the run").parent
+    return wait_for(lambda: next(iter((out / "fg-bus").glob("*/run.json")), None), 240, "the run").parent
 
 
 def steps_in(path: Path) -> int:
@@ -86,7 +86,7 @@ def test_a_sink_stopped_for_10_s_stalls_no_step_and_catches_up_complete(fg_home,
     sink = fg_sink(fg_home, "json", "--out", str(tmp_path / "log.jsonl"), "--wait", "60")
     train = fg_train(fg_home, out, max_steps=1500)
     journal = run_dir(out) / "journal.rank0.jsonl"
-    wait_for(lambda: steps_in(tmp_path / "log.jsonl") > 50, 60, "the sink to write 50 steps")
+    wait_for(lambda: steps_in(tmp_path / "log.jsonl") > 50, 240, "the sink to write 50 steps")
     sink.send_signal(signal.SIGSTOP)
     stopped_at = time.time()
     time.sleep(10)
@@ -111,7 +111,7 @@ def test_a_sink_killed_mid_run_and_restarted_ends_like_one_that_never_died(fg_ho
     where = {"json": ("--out", str(tmp_path / "{run}-%s.jsonl")), "tb": ("--logdir", str(tmp_path / "tb-%s"))}[kind]
     steady = fg_sink(fg_home, kind, "--run", str(bus), where[0], where[1] % "steady")
     crashy = fg_sink(fg_home, kind, "--run", str(bus), where[0], where[1] % "crashy")
-    wait_for(lambda: steps_in(bus / "journal.rank0.jsonl") > 200, 60, "200 steps")
+    wait_for(lambda: steps_in(bus / "journal.rank0.jsonl") > 200, 240, "200 steps")
     time.sleep(0.3)  # let it write some output before the crash (not needed for correctness)
     crashy.send_signal(signal.SIGKILL)
     crashy.wait(10)
@@ -143,8 +143,8 @@ def scalars(tb_run: Path) -> dict[str, list[tuple[int, float]]]:
 def test_fg_train_exits_in_bounded_time_when_its_sink_is_stopped(fg_home, tmp_path):
     out = tmp_path / "run"
     train = fg_train(fg_home, out, "--sinks", "json", max_steps=200, FG_SINK_EXIT_TIMEOUT="5")
-    sink_pid = wait_for(lambda: child_sink_pid(train.pid, "json"), 60, "fg-train to start its json sink")
-    wait_for(lambda: steps_in(run_dir(out) / "journal.rank0.jsonl") > 5, 60, "training to start")
+    sink_pid = wait_for(lambda: child_sink_pid(train.pid, "json"), 240, "fg-train to start its json sink")
+    wait_for(lambda: steps_in(run_dir(out) / "journal.rank0.jsonl") > 5, 240, "training to start")
     os.kill(sink_pid, signal.SIGSTOP)  # stopped for good: it will never finish on its own
     assert train.wait(120) == 3  # a sink it started did not finish: fg-train says so in its status
     stderr = train.stderr.read().decode()
@@ -169,7 +169,7 @@ def test_a_killed_trainer_makes_every_sink_exit_3_and_its_journal_reads_back(fg_
               ("tail", []))}
     train = fg_train(fg_home, out, max_steps=100_000)
     journal = run_dir(out) / "journal.rank0.jsonl"
-    wait_for(lambda: steps_in(tmp_path / "log.jsonl") > 100, 60, "the sinks to get going")
+    wait_for(lambda: steps_in(tmp_path / "log.jsonl") > 100, 240, "the sinks to get going")
     train.send_signal(signal.SIGKILL)
     train.wait(10)
     killed_at = time.monotonic()
@@ -189,7 +189,7 @@ def test_sigterm_ends_the_run_interrupted_with_a_checkpoint_and_its_sink_complet
     out = tmp_path / "run"
     train = fg_train(fg_home, out, "--sinks", "json", max_steps=100_000)
     journal = run_dir(out) / "journal.rank0.jsonl"
-    wait_for(lambda: steps_in(journal) > 50, 60, "training to start")
+    wait_for(lambda: steps_in(journal) > 50, 240, "training to start")
     train.send_signal(signal.SIGTERM)
     assert train.wait(60) == 128 + signal.SIGTERM
     records = list(read_journal(journal))

@@ -169,7 +169,7 @@ def test_a_trainer_stopped_for_6_s_is_followed_on_and_its_sink_output_is_complet
     sink = fg_sink(fg_home, "json", "--out", str(log), "--wait", "60", "--dead-after", "2")
     train = fg_train(fg_home, tmp_path / "run", max_steps=400)
     bus = run_dir(tmp_path / "run")
-    wait_for(lambda: steps_in(log) > 20, 60, "the sink to write 20 steps")
+    wait_for(lambda: steps_in(log) > 20, 240, "the sink to write 20 steps")
     train.send_signal(signal.SIGSTOP)
     try:
         beat = registry.load_run(bus).data["heartbeat"]  # not written again while stopped

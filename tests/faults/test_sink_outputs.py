@@ -73,10 +73,10 @@ def test_a_second_writer_of_a_json_log_or_tb_run_is_refused_and_a_killed_writers
     run_id = bus.name
     log, tb_run = out / "logs" / f"{run_id}.jsonl", out / "tb" / run_id
     json_lock, tb_lock = log.with_name(f".{log.name}.lock"), tb_run / "fg-sink.lock"
-    holder = wait_for(lambda: child_sink_pid(train.pid, "json"), 60, "fg-train to start its json sink")
+    holder = wait_for(lambda: child_sink_pid(train.pid, "json"), 240, "fg-train to start its json sink")
     tb_first = fg_sink(fg_home, "tb", "--run", str(bus))  # the default logdir, like fg-train --sinks tb
-    wait_for(lambda: json_lock.exists() and json_lock.read_text().split() == [str(holder)], 60, "the json lock")
-    wait_for(lambda: tb_lock.exists() and tb_lock.read_text().split() == [str(tb_first.pid)], 60, "the tb lock")
+    wait_for(lambda: json_lock.exists() and json_lock.read_text().split() == [str(holder)], 240, "the json lock")
+    wait_for(lambda: tb_lock.exists() and tb_lock.read_text().split() == [str(tb_first.pid)], 240, "the tb lock")
 
     # The same defaults a second time: refused at once, naming the output and its holder, no traceback.
     second_json = fg_sink(fg_home, "json", "--run", str(bus))
@@ -90,7 +90,7 @@ def test_a_second_writer_of_a_json_log_or_tb_run_is_refused_and_a_killed_writers
     tb_first.send_signal(signal.SIGKILL)
     tb_first.wait(10)
     tb_again = fg_sink(fg_home, "tb", "--run", str(bus))
-    wait_for(lambda: tb_lock.read_text().split() == [str(tb_again.pid)], 60, "the restarted tb sink's lock")
+    wait_for(lambda: tb_lock.read_text().split() == [str(tb_again.pid)], 240, "the restarted tb sink's lock")
     subprocess.run([str(BIN / "fg-bus"), "ctl", str(bus), "stop"], env=env(fg_home), capture_output=True, timeout=60)
     assert train.wait(180) == 0, train.stderr.read().decode()[-3000:]
     assert tb_again.wait(60) == 0, tb_again.stderr.read().decode()
@@ -286,7 +286,7 @@ def test_a_full_disk_is_said_once_and_the_output_completes_when_room_returns(fin
     proc = subprocess.Popen([str(BIN / "fg-sink"), kind, "--run", str(bus), *where], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, env=env(home), preexec_fn=_file_size_limit(limit))
     err = StderrLines(proc)
-    wait_for(lambda: "no room" in err.text, 60, "the sink to say the disk is full")
+    wait_for(lambda: "no room" in err.text, 240, "the sink to say the disk is full")
     assert proc.poll() is None  # waiting, not failed
     assert err.text.count("no room") == 1
     resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
@@ -309,7 +309,7 @@ def test_a_sink_waiting_for_room_stops_on_sigterm_and_a_restart_completes(finish
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env(home),
                             preexec_fn=_file_size_limit(16_000))
     err = StderrLines(proc)
-    wait_for(lambda: "no room" in err.text, 60, "the sink to say the disk is full")
+    wait_for(lambda: "no room" in err.text, 240, "the sink to say the disk is full")
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(60) == 128 + signal.SIGTERM
     assert "Traceback" not in err.done(), err.text

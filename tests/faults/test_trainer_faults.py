@@ -57,14 +57,14 @@ def tiny_with(tmp_path: Path, extra: str) -> Path:
 def test_a_sink_killed_mid_run_is_named_with_its_resume_command_and_fg_train_exits_3(fg_home, tmp_path):
     out = tmp_path / "run"
     train = fg_train(fg_home, out, "--sinks", "json", max_steps=100_000)
-    sink_pid = wait_for(lambda: child_sink_pid(train.pid, "json"), 60, "fg-train to start its json sink")
+    sink_pid = wait_for(lambda: child_sink_pid(train.pid, "json"), 240, "fg-train to start its json sink")
     journal = run_dir(out) / "journal.rank0.jsonl"
-    wait_for(lambda: steps_in(journal) > 20, 60, "training to start")
+    wait_for(lambda: steps_in(journal) > 20, 240, "training to start")
     os.kill(sink_pid, signal.SIGKILL)
     # fg-train reaps it at a log step (a poll); then let it run on a little and stop it.
-    wait_for(lambda: not Path(f"/proc/{sink_pid}").exists(), 60, "fg-train to notice the dead sink")
+    wait_for(lambda: not Path(f"/proc/{sink_pid}").exists(), 240, "fg-train to notice the dead sink")
     seen = steps_in(journal)
-    wait_for(lambda: steps_in(journal) > seen + 20, 60, "training to go on without its sink")
+    wait_for(lambda: steps_in(journal) > seen + 20, 240, "training to go on without its sink")
     train.send_signal(signal.SIGTERM)
     code, stderr = finish(train)
     assert code == 3, stderr[-3000:]  # a sink it started ended early: that outranks the stop by SIGTERM
@@ -95,7 +95,7 @@ def test_a_second_fg_train_into_the_same_output_dir_is_refused_and_the_first_is_
     out = tmp_path / "run"
     first = fg_train(fg_home, out, max_steps=100_000)
     journal = run_dir(out) / "journal.rank0.jsonl"
-    wait_for(lambda: steps_in(journal) > 10, 60, "the first run to train")
+    wait_for(lambda: steps_in(journal) > 10, 240, "the first run to train")
     second = train_once(fg_home, out, max_steps=150, timeout=120)
     refused(second, str(out), f"pid {first.pid}", "in use by another fg-train")
     first.send_signal(signal.SIGTERM)

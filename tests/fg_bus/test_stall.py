@@ -107,7 +107,7 @@ def journal(pub):
     return list(read_journal(pub.bus_dir / "journal.rank0.jsonl"))
 
 
-def wait_for(condition, what: str, timeout: float = 60.0):
+def wait_for(condition, what: str, timeout: float = 240.0):
     deadline = time.monotonic() + timeout
     while True:
         value = condition()
