@@ -16,6 +16,7 @@ KEYS = ("publish_us_median", "publish_us_p99", "floor_us_median", "step_ratio_si
         "journal_bytes_per_record", "bus_rss_mb")
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_the_quick_benchmark_prints_every_key(tmp_path):
     proc = subprocess.run([sys.executable, str(BENCH), "--quick", "--json", str(tmp_path / "f.json")],

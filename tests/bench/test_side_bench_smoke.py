@@ -24,13 +24,15 @@ def test_control_agreement_prints_its_cost():
     assert figures["ranks"] == 2 and figures["calls"] == 50 and figures["agree_us"] > 0
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_sink_priority_prints_both_ratios():
     figures = run("sink_priority.py", "--steps", "8", "--rounds", "1", timeout=280)
     assert figures["step_ratio_nice0"] > 0 and figures["step_ratio_nice10"] > 0
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_hardening_prints_its_bounds():
     figures = run("hardening.py", "--quick", timeout=280)
     assert figures["flood_refused"] > 0 and figures["flood_fds_after"] - figures["flood_fds_before"] < 10

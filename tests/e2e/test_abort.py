@@ -136,7 +136,8 @@ def test_ctl_abort_stops_at_a_step_boundary_saving_nothing(env, tmp_path):
     assert not list(dead_sockets.parent.iterdir())
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_ctl_abort_sent_to_rank_1_aborts_both_ranks_at_the_same_step(env, tmp_path):
     config = tmp_path / "every-step.yaml"
     config.write_text(TINY.read_text().replace("save_steps: 100", "save_steps: 1\n    save_total_limit: 2"))

@@ -128,6 +128,7 @@ def test_a_subscriber_started_mid_run_gets_the_whole_history_then_the_live_strea
             "on_train_end", "end"} <= names
 
 
+@pytest.mark.slow
 def test_a_stopped_subscriber_does_not_slow_the_trainer_and_catches_up(train, fg_home, tmp_path):
     t = train(max_steps=600)
     info = t.run_info()

@@ -19,7 +19,7 @@ from fg_bus import read_journal, registry
 BIN = Path(sys.executable).parent
 HERE = Path(__file__).parent
 TINY, RANKS = HERE / "tiny.yaml", HERE / "ranks.yaml"
-pytestmark = pytest.mark.timeout(600)  # torchrun start-up on a loaded 2-core machine takes minutes
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]  # torchrun start-up on a loaded 2-core machine takes minutes
 
 
 def env(fg_home: Path) -> dict:

@@ -21,7 +21,7 @@ from trainer import _checkpoint as ckpt
 
 BIN = Path(sys.executable).parent
 TINY = Path(__file__).parent / "tiny.yaml"
-pytestmark = pytest.mark.timeout(300)
+pytestmark = pytest.mark.timeout(600)  # real processes: minutes on a loaded 2-core machine
 
 
 def config(tmp_path: Path, save_total_limit: int) -> Path:

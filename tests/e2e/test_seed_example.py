@@ -21,6 +21,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from fg_bus import read_journal, registry
 
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[2]
 SEED = REPO / "examples" / "seed_callbacks.yaml"
 FG_TRAIN = os.path.join(os.path.dirname(sys.executable), "fg-train")

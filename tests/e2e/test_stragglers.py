@@ -17,7 +17,7 @@ from fg_bus.monitor import RunView
 
 BIN = Path(sys.executable).parent
 STRAGGLERS = Path(__file__).parent / "stragglers.yaml"
-pytestmark = pytest.mark.timeout(240)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]  # torchrun: minutes on a loaded machine
 
 
 def test_a_rank_slow_to_load_its_data_is_named_the_straggler_under_ddp(fg_home, tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import collections
 import json
+import os
 import random
 import time
 
@@ -21,7 +22,10 @@ from trainer.config import ConfigError, load_config
 
 pytestmark = pytest.mark.timeout(600)
 
-RUNS = settings(max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+#: inputs per fuzzed endpoint; FG_FUZZ_EXAMPLES=20000 for a long session (the suite's default keeps it about a
+#: minute on two cores)
+EXAMPLES = int(os.environ.get("FG_FUZZ_EXAMPLES", "1000"))
+RUNS = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-(1 << 70), 1 << 70) | st.floats() | st.text(max_size=20),
     lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=8), inner, max_size=5),
@@ -114,7 +118,7 @@ def test_the_yaml_loader_gives_a_config_error_or_a_config_never_anything_else(tm
                  "<<: *a", "- ", "  ", "\n", "args:", "{", "}", "[", "]", ": ", "!!python/object:os.system", "'",
                  '"', "\t", "%YAML 1.1", "---", "...", "\x00", "é", "1e999", "null"]
 
-    @settings(max_examples=1500, deadline=None)
+    @settings(max_examples=EXAMPLES // 2, deadline=None)
     @given(st.lists(st.sampled_from(fragments) | st.text(max_size=6), max_size=25))
     def random_configs(parts):
         path.write_bytes("".join(parts).encode("utf-8", errors="replace"))

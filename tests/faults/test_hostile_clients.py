@@ -26,7 +26,7 @@ from zmq.utils.monitor import recv_monitor_message
 from fg_bus import Publisher, Subscriber, read_journal, registry, security
 from test_process_faults import BIN, env, fg_train, run_dir, steps_in, wait_for
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = pytest.mark.timeout(600)  # real processes: minutes on a loaded 2-core machine
 
 
 def seqs(recs) -> list[int]:

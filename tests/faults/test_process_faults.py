@@ -21,7 +21,7 @@ from fg_bus import read_journal, registry
 
 BIN = Path(sys.executable).parent
 TINY = Path(__file__).parents[1] / "e2e" / "tiny.yaml"
-pytestmark = pytest.mark.timeout(300)
+pytestmark = pytest.mark.timeout(600)  # real processes: minutes on a loaded 2-core machine
 
 
 def env(fg_home: Path, **extra: str) -> dict:
@@ -81,6 +81,7 @@ def child_sink_pid(parent: int, kind: str) -> int | None:
     return None
 
 
+@pytest.mark.slow
 def test_a_sink_stopped_for_10_s_stalls_no_step_and_catches_up_complete(fg_home, tmp_path):
     out = tmp_path / "run"
     sink = fg_sink(fg_home, "json", "--out", str(tmp_path / "log.jsonl"), "--wait", "60")
@@ -200,6 +201,7 @@ def test_sigterm_ends_the_run_interrupted_with_a_checkpoint_and_its_sink_complet
     assert lines(out / "logs" / f"{end['run']}.jsonl") == as_json(records)  # fg-train waited for its sink
 
 
+@pytest.mark.slow
 def test_a_killed_rank_is_reported_dead_and_the_other_ranks_stream_reads_back(fg_home, tmp_path):
     out = tmp_path / "run"
     sink = fg_sink(fg_home, "json", "--ranks", "all", "--out", str(tmp_path / "log.jsonl"), "--wait", "120",

@@ -23,7 +23,7 @@ from fg_bus.journal import JournalStats
 from conftest import make_run
 from test_process_faults import BIN, as_json, env, fg_sink, fg_train, lines, run_dir, steps_in, wait_for
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = pytest.mark.timeout(600)  # real processes: minutes on a loaded 2-core machine
 N = 120  # records a published run holds (its end record is seq N)
 STOPPED_FOR = 6.0  # seconds a trainer is stopped: 3 x the sink's dead_after, past registry.PAUSED_AFTER
 

@@ -21,7 +21,7 @@ from test_process_faults import BIN, child_sink_pid, env, fg_sink, fg_train, run
 
 from fg_bus import Publisher, read_journal
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = pytest.mark.timeout(600)  # real processes: minutes on a loaded 2-core machine
 
 EXIT_LOCKED = 7
 EXIT_WRITE_FAILED = 8

@@ -20,7 +20,7 @@ from trainer.config import ConfigError, load_config
 
 from test_process_faults import BIN, TINY, child_sink_pid, env, fg_train, run_dir, steps_in, wait_for
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = pytest.mark.timeout(600)  # real processes: minutes on a loaded 2-core machine
 
 
 def finish(proc: subprocess.Popen, timeout: float = 180) -> tuple[int, str]:
