@@ -9,7 +9,6 @@ read them. Ended runs are summarised from run.json (`progress`), not replayed, u
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections import deque
@@ -20,7 +19,7 @@ import zmq
 
 from . import _top_render as render
 from . import registry
-from .journal import decode_chunk, read_journal
+from .journal import decode_chunk, journal_tail_bytes, read_journal
 from .monitor import RunView
 from .subscriber import Subscriber
 
@@ -35,16 +34,9 @@ LIVE = ("live", "paused", "stalled")
 def journal_tail(path: Path, max_bytes: int) -> list[dict]:
     """The complete records in the last `max_bytes` of a journal (none if it cannot be read)."""
     try:
-        with open(path, "rb") as f:
-            size = f.seek(0, os.SEEK_END)
-            start = max(0, size - max_bytes)
-            f.seek(start)
-            data = f.read(max_bytes)
+        return decode_chunk(journal_tail_bytes(path, max_bytes))
     except OSError:
         return []
-    if start:
-        data = data[data.find(b"\n") + 1:]  # the first line is cut
-    return decode_chunk(data[:data.rfind(b"\n") + 1])  # the last one may be torn
 
 
 def _num(value) -> float | None:
