@@ -8,6 +8,12 @@ reading whatever the journal still holds. A run that is over is read straight fr
 
     for record in Subscriber("latest"):      # waits for a run to start if none is live
         ...
+
+With `raw=True` it hands out `RawLines` instead of dicts: the records' encoded lines, for a sink that stores
+them as they are (`fg-sink json`). Lines that pass `records.raw_run_length`'s check on their bytes (head,
+run, rank, the seq expected, a well-formed line) are passed through unparsed, a replayed chunk at a time;
+the rest (out of order, the `end` record, anything that looks unusual) takes the decoding path, with its
+checks and reasons, and comes out as `records.encode` writes it: the same bytes either way.
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ import logging
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from operator import itemgetter
+from typing import NamedTuple
 
 import orjson
 import zmq
@@ -27,6 +35,17 @@ logger = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 64 << 20
 _REPLY_BATCH = 4096  # records taken from replay replies per poll() before returning them
+_SEQ, _EVENT = itemgetter("seq"), itemgetter("event")
+_HEARTBEAT_TOPIC = records.HEARTBEAT.encode()
+
+
+class RawLines(NamedTuple):
+    """Records first_seq..last_seq of one rank, in order, as `data`: their encoded lines, each ending
+    with a newline (what a raw Subscriber hands out)."""
+
+    first_seq: int
+    last_seq: int
+    data: bytes
 
 
 @dataclass
@@ -63,11 +82,15 @@ class Subscriber:
     dead_after: seconds without a heartbeat before the trainer is declared dead.
     rank: which rank's stream (each rank of a torchrun job publishes its own); rank_wait: seconds to wait
     for a rank that has not registered yet.
+    raw: hand out `RawLines` (encoded lines) instead of dicts; every event (no `events` filter).
     """
 
     def __init__(self, run: str | registry.RunInfo = "latest", *, from_seq: int | None = 0,
                  events: Iterable[str] | None = None, wait: float | None = None, dead_after: float = 5.0,
-                 rank: int = 0, rank_wait: float = 30.0):
+                 rank: int = 0, rank_wait: float = 30.0, raw: bool = False):
+        if raw and events:
+            raise ValueError("a raw Subscriber hands out every record: filter by event on the decoded path")
+        self.raw = raw
         self.spec = run
         self.events = frozenset(events) if events else None
         self.dead_after = dead_after
@@ -81,6 +104,7 @@ class Subscriber:
         else:
             info = registry.wait_for_run(run, wait) if run == "latest" else registry.resolve(run)
         self.info = info.for_rank(rank, wait=rank_wait) if rank else info
+        self._head = records.raw_head(self.info.run_id, rank)  # every line of this stream starts so
         self._paused_since: float | None = None  # silent past dead_after, but the trainer's pid is alive
         self._next_liveness_check = 0.0
         self._reload_warned = False
@@ -302,14 +326,7 @@ class Subscriber:
                 continue
             kind, body = parts
             if kind == b"chunk":
-                stats = JournalStats()
-                chunk = decode_chunk(body, stats)
-                self.stats.replayed += len(chunk)
-                if not self._deliver_run(chunk, out):
-                    for record in chunk:
-                        self._accept(record, out)
-                for reason, n in stats.malformed.items():
-                    self.stats.malformed[reason] = self.stats.malformed.get(reason, 0) + n
+                self._take_chunk(body, out)
             elif kind == b"done":
                 self._replaying = False
                 try:
@@ -331,6 +348,45 @@ class Subscriber:
             else:
                 self.stats.count_malformed("unknown-reply")
 
+    def _take_chunk(self, body: bytes, out: list) -> None:
+        """One replayed chunk of journal lines: passed through as it is when raw and it is exactly the next
+        seqs; else decoded, and delivered at once if it is the next seqs, record by record if not."""
+        first = self._expected
+        if self.raw and first is not None:
+            n = records.raw_run_length(body, self._head, first)
+            if n:
+                self.stats.replayed += n
+                self._expected = first + n
+                out.append(RawLines(first, first + n - 1, body))
+                if self._buffer:
+                    self._flush_buffer(out)
+                return
+        stats = JournalStats()
+        chunk = decode_chunk(body, stats)
+        self.stats.replayed += len(chunk)
+        if not self._deliver_run(chunk, out):
+            for record in chunk:
+                self._accept(record, out)
+        for reason, n in stats.malformed.items():
+            self.stats.malformed[reason] = self.stats.malformed.get(reason, 0) + n
+
+    def _take_raw_live(self, parts: list[bytes], out: list) -> bool:
+        """A live record passed through unparsed (raw, and it is the next seq, and its line passes the byte
+        check with its topic as its event); False: it takes the decoding path."""
+        first = self._expected
+        if len(parts) != 2 or first is None or parts[0] == _HEARTBEAT_TOPIC:
+            return False
+        topic, data = parts
+        line = data + b"\n"
+        if records.raw_run_length(line, self._head, first) != 1 or b'","event":"%s"' % topic not in data:
+            return False
+        self.stats.live += 1
+        self._expected = first + 1
+        out.append(RawLines(first, first, line))
+        if self._buffer:
+            self._flush_buffer(out)
+        return True
+
     def _take_live(self, out: list[dict]) -> None:
         for _ in range(10_000):
             try:
@@ -340,6 +396,8 @@ class Subscriber:
             self._last_heard = time.monotonic()
             if self._paused_since is not None:
                 self._end_pause("the trainer is sending again")
+            if self.raw and self._take_raw_live(parts, out):
+                continue
             try:
                 record = records.parse_frames(parts)
             except records.RecordError as e:
@@ -388,15 +446,15 @@ class Subscriber:
         first = self._expected
         if not chunk or first is None or chunk[0]["seq"] != first:
             return False
-        seqs = [record["seq"] for record in chunk]
-        if seqs != list(range(first, first + len(chunk))):
+        if list(map(_SEQ, chunk)) != list(range(first, first + len(chunk))):
             return False
-        ends = [i for i, record in enumerate(chunk) if record["event"] == records.END]
-        if ends:
-            chunk = chunk[:ends[0] + 1]  # nothing after the end record belongs to the stream
+        if records.END in map(_EVENT, chunk):
+            chunk = chunk[:list(map(_EVENT, chunk)).index(records.END) + 1]  # nothing after it is the stream's
             self._ended(chunk[-1])
         self._expected = chunk[-1]["seq"] + 1
-        if self.events is None:
+        if self.raw:
+            out.extend(RawLines(r["seq"], r["seq"], records.encode(r) + b"\n") for r in chunk)
+        elif self.events is None:
             out.extend(chunk)
         else:
             wanted = self.events
@@ -421,13 +479,13 @@ class Subscriber:
             del self._buffer[seq]
             self.stats.duplicates += 1
 
-    def _deliver(self, record: dict, out: list[dict]) -> None:
-        self._expected = record["seq"] + 1
+    def _deliver(self, record: dict, out: list) -> None:
+        seq = self._expected = record["seq"] + 1
         if record["event"] == records.END:
             self._ended(record)
-            out.append(record)
-        elif self.events is None or record["event"] in self.events:
-            out.append(record)
+        elif self.events is not None and record["event"] not in self.events:
+            return
+        out.append(RawLines(seq - 1, seq - 1, records.encode(record) + b"\n") if self.raw else record)
 
     def _ended(self, end: dict) -> None:
         self.status = end.get("status", registry.COMPLETED)

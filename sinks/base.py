@@ -10,8 +10,12 @@ continues without a duplicate or a hole;
 `end_run(status, reason)` when the run's stream is over (`reason`: why, a dict with `text`; see
 `fg_bus.records.end_reason`; an `end_run(status)` of one argument gets the status alone). A sink never sees sockets: tests feed it records.
 
-A full disk: when `handle` raises an OSError for one (ENOSPC, EDQUOT, EFBIG), the runner says so and tries
-again every second, until it goes through, by calling the sink's `retry_write()` if it has one (a sink that
+A sink that only stores records may take them as bytes instead (`raw = True`, and `handle_raw` in place of
+`handle`): the lines come as the journal and the live stream carry them, checked on their bytes, never
+parsed into dicts (`fg_bus.subscriber.RawLines`); `fg-sink json` does, and writes at several times the rate.
+
+A full disk: when `handle` (or `handle_raw`) raises an OSError for one (ENOSPC, EDQUOT, EFBIG), the runner
+says so and tries again every second, until it goes through, by calling the sink's `retry_write()` if it has one (a sink that
 keeps what it could not write, like json and tb), else `handle(record)` again. Any other OSError stops the
 sink (exit 8) with the command that resumes it.
 """
@@ -32,6 +36,8 @@ class Sink:
     kind = "sink"
     #: which ranks of a torchrun job it follows: "0", "all", or a list such as "0,2" (`fg-sink --ranks`)
     ranks = "0"
+    #: True: the runner calls `handle_raw` with encoded lines instead of `handle` with dicts
+    raw = False
 
     def open_run(self, info: RunInfo) -> int | dict[int, int] | None:
         """A run is attached. Return the next seq this sink needs (None: whatever `--from` says), or a dict
@@ -40,6 +46,11 @@ class Sink:
 
     def handle(self, record: dict[str, Any]) -> None:
         pass
+
+    def handle_raw(self, data: bytes, rank: int, first_seq: int, last_seq: int) -> None:
+        """For a sink with `raw = True`: records first_seq..last_seq of `rank`, in seq order, as `data`, their
+        encoded lines (each as `fg_bus.records.encode` writes the record, ending with a newline)."""
+        raise NotImplementedError(f"{type(self).__name__} sets raw = True but has no handle_raw")
 
     def end_run(self, status: str, reason: dict | None = None) -> None:
         """The run's stream is over (completed / stopped / interrupted / failed / dead, and `reason`: why,

@@ -10,6 +10,10 @@ hand and tries again every second until there is room, then carries on (a signal
 other write error ends the sink with status 8 and the command that resumes it. An output another sink
 holds, or one that cannot be used, ends it at once with the output named (7, 2): see `_output`.
 
+A sink with `raw = True` (`fg-sink json`) gets `handle_raw(lines, rank, first_seq, last_seq)` from a raw
+Subscriber instead of `handle(record)`: a replayed chunk of journal lines at a time, counted as its records;
+a full disk, a signal and a write error go as for one record.
+
 A torchrun job has one stream per rank. A sink follows the ranks its `ranks` attribute names ("0", "all",
 or a list such as "0,2"), each stream in its own seq order, interleaved as records arrive; the run is over
 when every followed rank has ended or died.
@@ -173,6 +177,7 @@ def follow_run(sink: Sink, info: registry.RunInfo, start: int | str, stop: _Stop
     except OSError as e:  # a user sink's own file; ours say more themselves
         raise OutputError(f"cannot open the {sink.kind} sink's output for run {info.run_id}: {e}") from None
     positions = position if isinstance(position, dict) else {0: position}
+    raw = bool(getattr(sink, "raw", False))
     subs: dict[int, Subscriber] = {}
     rank_status: dict[int, str] = {}
     for rank in ranks:
@@ -182,7 +187,7 @@ def follow_run(sink: Sink, info: registry.RunInfo, start: int | str, stop: _Stop
             from_seq = None if start == "now" else int(start)
         try:
             subs[rank] = Subscriber(str(info.bus_dir), from_seq=from_seq, dead_after=dead_after, rank=rank,
-                                    rank_wait=rank_wait)
+                                    rank_wait=rank_wait, raw=raw)
         except registry.RunNotFound as e:
             logger.error("%s", e)
             rank_status[rank] = MISSING
@@ -196,16 +201,23 @@ def follow_run(sink: Sink, info: registry.RunInfo, start: int | str, stop: _Stop
                 break
             for sub in following:
                 for record in sub.poll(0.5 / len(following)):
-                    handle = lambda record=record: sink.handle(record)  # noqa: E731
+                    if raw:  # RawLines: first_seq..last_seq of this rank, as bytes
+                        handle = lambda lines=record, rank=sub.rank: sink.handle_raw(  # noqa: E731
+                            lines.data, rank, lines.first_seq, lines.last_seq)
+                        count = record.last_seq - record.first_seq + 1
+                        at = {"rank": sub.rank, "seq": record.first_seq, "event": f"through seq {record.last_seq}"}
+                    else:
+                        handle = lambda record=record: sink.handle(record)  # noqa: E731
+                        count, at = 1, record
                     try:
-                        if _write(sink, handle, retry_write or handle, stop, record):
-                            handled += 1
+                        if _write(sink, handle, retry_write or handle, stop, at):
+                            handled += count
                         else:
                             held = True
                     except (KeyError, TypeError, ValueError, AttributeError) as e:
-                        skipped += 1
-                        logger.warning("skipping record rank %s seq %s (%s): %s: %s", record.get("rank"),
-                                       record.get("seq"), record.get("event"), type(e).__name__, e)
+                        skipped += count
+                        logger.warning("skipping record rank %s seq %s (%s): %s: %s", at.get("rank"),
+                                       at.get("seq"), at.get("event"), type(e).__name__, e)
                     if stop.signal is not None:
                         break
                 if stop.signal is not None:
