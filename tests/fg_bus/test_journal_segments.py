@@ -286,3 +286,23 @@ def test_fg_bus_cat_across_segments_live_and_ended(fg_home, segmented):
     assert ended.returncode == 0, err
     records = [decode(line) for line in out.splitlines() if line.strip()]
     assert [r["seq"] for r in records] == list(range(len(records))) and records[-1]["event"] == "end"
+
+
+def test_a_raw_subscriber_of_an_ended_run_passes_whole_pieces_across_segments(segmented):
+    """A raw Subscriber of an ended run (`fg-sink json` started after the run) reads the journal's files: each
+    piece that is exactly the next seqs goes out as it is, one RawLines; the joined bytes are the journal's."""
+    pub, path = segmented
+    pub.close()
+    want = b"".join(encode(r) + b"\n" for r in read_journal(path))
+    for start in (0, _segments.sealed_segments(path)[2].first + 3):
+        sub = Subscriber(pub.run_id, from_seq=start, dead_after=10, raw=True)
+        got = []
+        deadline = time.monotonic() + 30
+        while not sub.finished and time.monotonic() < deadline:
+            got += sub.poll(0.5)
+        sub.close()
+        assert sub.finished and sub.status == "completed"
+        assert [(g.first_seq, g.last_seq) for g in got] == sorted((g.first_seq, g.last_seq) for g in got)
+        assert got[0].first_seq == start and all(b.first_seq == a.last_seq + 1 for a, b in zip(got, got[1:]))
+        assert b"".join(g.data for g in got) == b"".join(want.splitlines(keepends=True)[start:])
+        assert len(got) < (300 - start) / 2  # whole pieces (a compressed frame's lines), not a record at a time
