@@ -31,3 +31,9 @@ def error_record(run_id: str, rank: int, seq: int, fields: tuple, error: str) ->
             "global_step": global_step if type(global_step) is int else None,
             "epoch": epoch if type(epoch) in (int, float) else None}
     return records.encode({**keep, "metrics": {}, "error": error})
+
+
+def bus_record(run_id: str, rank: int, seq: int, timestamp: float, event: str, fields: dict) -> bytes:
+    """One of the bus's own records (warning, system, end, a sink's result): `fields` after the header."""
+    return records.encode({"v": records.SCHEMA_VERSION, "run": run_id, "rank": rank, "seq": seq,
+                           "timestamp": datetime.fromtimestamp(timestamp, timezone.utc), "event": event, **fields})

@@ -6,9 +6,14 @@ followed with `attach_bus(trainer)`: the same placement, plus hooks for the per-
 transformers does not hand to callbacks. There the stream stays open after `on_train_end`, for `evaluate()`
 and `predict()` calls after `train()`, and ends at `bus.close()` or at process exit.
 
-Hot path: one dict and one `Publisher.publish` per event (a few microseconds, no I/O). The per-step loss and
-grad norm are never read with a device sync: on the CPU `.item()` is free; on a GPU they are copied to
-pinned memory with `non_blocking=True` and the bus thread publishes them once the copy's CUDA event is done.
+Hot path (bench/hotpath.py): per event, one `Publisher.publish` of what the event gave (name, step, epoch, the
+metrics dict, copied), which appends a tuple to the bus's queue: the bus thread gives it its seq, formats the
+timestamp and encodes it. Nothing here reads a value that does not change between events, builds a record,
+or takes a lock; the per-step events call the publisher directly, without a helper in between (right
+after a step's compute, on a cold cache: about 2 us each on these loaded 2-core VMs, on_step_end about 5,
+half of what a record dict, a lock and per-step checks cost). The per-step loss and grad norm are never read with a device
+sync: on the CPU the bus thread reads them (`.item()`) while encoding; on a GPU they are copied to pinned
+memory with `non_blocking=True` and the bus thread publishes them once the copy's CUDA event is done.
 Control commands (`fg-bus ctl`, SIGINT/SIGTERM in `fg-train`) are applied here at the next step boundary.
 """
 
@@ -267,6 +272,8 @@ class BusCallback(TrainerCallback):
         self._taps: _StepTaps | None = None  # in a transformers.Trainer (attach_bus): the per-step loss
         self._training = False  # between on_train_begin and on_train_end: an exit now means train() failed
         self._pinned = _PinnedRing()
+        self._step_on_gpu: bool | None = None  # whether the step's loss is on a CUDA device (on_step_end)
+        self._step_on_host = False  # on_step_end's flat path: our Trainer's loss, grad norm and data time on the host
         # How the run ends, once a control request says: "stopped" (ctl) or "interrupted" (a signal), and why
         self._end_status: str | None = None
         self._end_reason: dict | None = None
@@ -385,8 +392,9 @@ class BusCallback(TrainerCallback):
 
     # -- events ----------------------------------------------------------------------------------------
 
-    def _publish(self, event: str, args, state, **fields) -> None:
-        (self.publisher or self._ensure_started(args)).publish(event, state.global_step, state.epoch, **fields)
+    def _publish(self, event: str, args, state, metrics: dict | None = None, **fields) -> None:
+        """The events that come once a run or once an evaluation; the per-step ones inline this line."""
+        (self.publisher or self._ensure_started(args)).publish(event, state.global_step, state.epoch, metrics, **fields)
 
     def on_init_end(self, args, state, control, **kwargs):
         self._publish("on_init_end", args, state)
@@ -408,6 +416,7 @@ class BusCallback(TrainerCallback):
         }
         self._publish("on_train_begin", args, state, meta=meta)
         self._training = True
+        self._step_on_gpu, self._step_on_host = None, False  # asked again at this train()'s first step
         if self.trainer is None and self._taps is None:
             logger.warning("BusCallback was added without attach_bus(trainer): its on_step_end records carry no "
                            "loss or grad_norm (attach_bus also places it first among the callbacks)")
@@ -426,54 +435,82 @@ class BusCallback(TrainerCallback):
     def on_epoch_end(self, args, state, control, **kwargs):
         self._publish("on_epoch_end", args, state)
 
+    # The per-step events: one publish() each, called directly (see the module's docstring).
+
     def on_step_begin(self, args, state, control, **kwargs):
         if self._taps is not None:
             self._taps.reset()  # a step cut short (should_epoch_stop mid-accumulation) leaves nothing behind
-        self._publish("on_step_begin", args, state)
+        (self.publisher or self._ensure_started(args)).publish("on_step_begin", state.global_step, state.epoch)
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        self._publish("on_pre_optimizer_step", args, state)
+        (self.publisher or self._ensure_started(args)).publish("on_pre_optimizer_step", state.global_step, state.epoch)
 
     def on_optimizer_step(self, args, state, control, **kwargs):
-        self._publish("on_optimizer_step", args, state)
+        (self.publisher or self._ensure_started(args)).publish("on_optimizer_step", state.global_step, state.epoch)
 
     def on_substep_end(self, args, state, control, **kwargs):
-        self._publish("on_substep_end", args, state)
+        (self.publisher or self._ensure_started(args)).publish("on_substep_end", state.global_step, state.epoch)
 
     def on_step_end(self, args, state, control, **kwargs):
+        """The step's loss and grad norm (as tensors: never read here) and, from our Trainer, this rank's wait
+        for the step's batches (`data_time`, host seconds from get_batch_samples: the straggler figure under
+        DDP, where step timestamps are the same on every rank, fg_bus/monitor.py), to the microsecond."""
         publisher = self.publisher or self._ensure_started(args)
-        # this rank's wait for the step's batches (host seconds, our Trainer's get_batch_samples): the
-        # straggler figure under DDP, where step timestamps are the same on every rank (fg_bus/monitor.py)
-        data_time = getattr(self.trainer, "step_data_time", None) if self._taps is None else None
-        self.publish_tensors("on_step_end", state.global_step, state.epoch, self._step_values(),
-                             host=None if data_time is None else {"data_time": round(data_time, 6)})
+        if self._step_on_host:
+            # The usual case, flat: what it is was decided at the first step (_publish_step_values), and it
+            # does not change from step to step. round(x * 1e6) / 1e6: the digits of round(x, 6), at a
+            # fifth of its cost. (Each call and check here costs microseconds on the caches a step leaves.)
+            trainer = self.trainer
+            publisher.publish_when_ready(ready_now, "on_step_end", state.global_step, state.epoch, {
+                "loss": trainer.step_loss, "grad_norm": trainer.step_grad_norm,
+                "data_time": round(trainer.step_data_time * 1e6) / 1e6})
+        else:
+            self._publish_step_values(state)
         if publisher.has_control_requests:
             self._apply_control(args, state, control)
 
+    def _publish_step_values(self, state) -> None:
+        """on_step_end's values, whatever they are (a transformers.Trainer's taps, tensors on a GPU, some
+        missing), asking what each is; at the first step with values, decide whether the next steps can
+        take on_step_end's flat path: our Trainer's three values, on the host."""
+        values, data_time = self._step_values()
+        on_gpu = self._step_on_gpu
+        if on_gpu is None and values:
+            # `.is_cuda` once per train(): where the loss lives does not change, and on a cold cache (after
+            # the step's kernels) each call costs the training thread microseconds.
+            on_gpu = self._step_on_gpu = any(tensor.is_cuda for tensor in values.values())
+            self._step_on_host = (not on_gpu and self._taps is None and len(values) == 2
+                                  and isinstance(data_time, float))
+        self.publish_tensors("on_step_end", state.global_step, state.epoch, values,
+                             None if data_time is None else {"data_time": round(data_time * 1e6) / 1e6},
+                             on_gpu=on_gpu)
+
     def publish_tensors(self, event: str, global_step: int, epoch: float, values: dict[str, torch.Tensor],
-                        host: dict[str, float] | None = None, **fields) -> None:
+                        host: dict[str, float] | None = None, on_gpu: bool | None = None, **fields) -> None:
         """Publish scalar tensors as metrics without a device sync, from the training thread (`host`: plain
-        numbers added to the metrics as they are)."""
-        on_gpu = False
-        for tensor in values.values():
-            on_gpu = on_gpu or tensor.is_cuda  # `.is_cuda`: a fifth of the cost of `.device.type`
-        if on_gpu:
-            # Copy off the device without waiting; the bus thread publishes once the copy is done.
-            slot = self._pinned.take(len(values))
-            metrics = {}
-            for i, (key, tensor) in enumerate(values.items()):
-                slot.buffer[i].copy_(tensor.detach().float(), non_blocking=True)
-                metrics[key] = slot.buffer[i]
-            if host:
-                metrics.update(host)
-            slot.record()
-            self.publisher.publish_when_ready(slot, event, global_step, epoch, metrics=metrics, **fields)
-        else:
+        numbers added to the metrics as they are; `on_gpu`: whether the tensors are on a CUDA device, when
+        the caller knows, else each one is asked). Either way is correct for any tensor: a CUDA tensor taken
+        for a CPU one is read by the bus thread (its sync, never this thread's), a CPU tensor taken for a
+        CUDA one is copied into pinned memory at once."""
+        if on_gpu is None:
+            on_gpu = any(tensor.is_cuda for tensor in values.values())  # a seventh of the cost of .device.type
+        if not on_gpu:
             # CPU tensors here are fresh objects, never written again, so the bus thread reads them (.item())
             # while encoding, and this thread pays for neither the reads nor the encoding. (On another
             # accelerator, mps or xpu, that read is the bus thread's sync, never this thread's.)
             self.publisher.publish_when_ready(ready_now, event, global_step, epoch,
-                                              metrics={**values, **host} if host else values, **fields)
+                                              {**values, **host} if host else values, **fields)
+            return
+        # Copy off the device without waiting; the bus thread publishes once the copy is done.
+        slot = self._pinned.take(len(values))
+        metrics = {}
+        for i, (key, tensor) in enumerate(values.items()):
+            slot.buffer[i].copy_(tensor.detach().float(), non_blocking=True)
+            metrics[key] = slot.buffer[i]
+        if host:
+            metrics.update(host)
+        slot.record()
+        self.publisher.publish_when_ready(slot, event, global_step, epoch, metrics, **fields)
 
     def step_grad_norm(self) -> torch.Tensor | None:
         """This step's total gradient norm before clipping, still on the device (None when not known yet:
@@ -483,19 +520,21 @@ class BusCallback(TrainerCallback):
         norm = getattr(self.trainer, "step_grad_norm", None)
         return norm if isinstance(norm, torch.Tensor) else None
 
-    def _step_values(self) -> dict[str, torch.Tensor]:
+    def _step_values(self) -> tuple[dict[str, torch.Tensor], float | None]:
+        """The step's loss and grad norm (tensors, as they are), and this rank's wait for its batches (host
+        seconds; our Trainer only)."""
         if self._taps is not None:
-            return self._taps.take()
+            return self._taps.take(), None
         trainer = self.trainer
         if trainer is None:
-            return {}
+            return {}, None
         values = {}
         loss, grad_norm = getattr(trainer, "step_loss", None), getattr(trainer, "step_grad_norm", None)
         if isinstance(loss, torch.Tensor):
             values["loss"] = loss
         if isinstance(grad_norm, torch.Tensor):
             values["grad_norm"] = grad_norm
-        return values
+        return values, getattr(trainer, "step_data_time", None)
 
     def _apply_control(self, args, state, control) -> None:
         for request in self.publisher.control_requests():
@@ -515,10 +554,10 @@ class BusCallback(TrainerCallback):
                                    source=request.get("source", ""), applied=True)
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        self._publish("on_evaluate", args, state, metrics=metrics)  # publish() copies it
+        self._publish("on_evaluate", args, state, metrics)  # publish() copies it
 
     def on_predict(self, args, state, control, metrics=None, **kwargs):
-        self._publish("on_predict", args, state, metrics=metrics)
+        self._publish("on_predict", args, state, metrics)
 
     def on_save(self, args, state, control, **kwargs):
         checkpoint = str(Path(args.output_dir) / f"checkpoint-{state.global_step}")
@@ -526,7 +565,9 @@ class BusCallback(TrainerCallback):
         self.publisher.sync()  # the journal is durable at every checkpoint
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        self._publish("on_log", args, state, metrics=logs)
+        # publish() copies `logs`: callbacks after this one may change it (transformers' PrinterCallback pops
+        # total_flos)
+        (self.publisher or self._ensure_started(args)).publish("on_log", state.global_step, state.epoch, logs)
 
     def on_prediction_step(self, args, state, control, **kwargs):
         self._publish("on_prediction_step", args, state)
