@@ -400,7 +400,9 @@ class Trainer(DataMixin, EvaluationMixin, CheckpointMixin, OptimizerMixin):
                     self.state.global_step += 1
                     self.state.epoch = epoch + (step + 1) / batches_per_epoch
                     self.control = self.callback_handler.on_step_end(args, self.state, self.control)
-                    distributed.agree_on_control(self.control)  # a stop raised on any rank stops all, here
+                    # Under torchrun: the step schedule's flags act now; a flag one rank raised (a stop, a
+                    # save) acts on every rank at the next step, its all-reduce running while that step trains
+                    distributed.agree_on_step(self.control, args, self.state)
                     self._maybe_log_save_evaluate(grad_norm, start_time, learning_rate)
                 if self.control.should_epoch_stop or self.control.should_training_stop:
                     break
@@ -411,7 +413,7 @@ class Trainer(DataMixin, EvaluationMixin, CheckpointMixin, OptimizerMixin):
             logger.warning("epoch %d had no batch; stopping training at step %d", epoch, self.state.global_step)
             self.control.should_training_stop = True
         self.control = self.callback_handler.on_epoch_end(args, self.state, self.control)
-        distributed.agree_on_control(self.control)
+        distributed.agree_on_control(self.control)  # once an epoch: waited for, with the last step's votes
         self._maybe_log_save_evaluate(grad_norm, start_time, learning_rate)
 
     def _no_sync(self, skip_sync: bool):

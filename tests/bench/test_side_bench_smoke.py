@@ -20,8 +20,10 @@ def run(script: str, *args: str, timeout: float) -> dict:
 
 
 def test_control_agreement_prints_its_cost():
-    figures = run("control_agreement.py", "--calls", "50", timeout=120)
-    assert figures["ranks"] == 2 and figures["calls"] == 50 and figures["agree_us"] > 0
+    figures = run("control_agreement.py", "--calls", "50", "--steps-ms", "0,2", timeout=120)
+    assert figures["ranks"] == 2 and figures["calls"] == 50 and [r["step_ms"] for r in figures["steps"]] == [0, 2]
+    assert all(r[f"{side}_us_median"] > 0 for r in figures["steps"] for side in ("old", "new"))
+    assert figures["steps"][1]["new_share_of_step"] > 0
 
 
 @pytest.mark.slow

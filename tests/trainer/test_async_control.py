@@ -1,0 +1,145 @@
+"""Control agreement under torchrun without a wait per step (trainer/distributed.py `agree_on_step`): the
+step schedule's flags act at once on every rank; a flag one rank raises (a callback's stop, a `fg-bus ctl`
+save or stop, a signal) is all-reduced while the next step trains and acts on every rank one step later;
+an evaluation's votes (early stopping) act at its step. Two real gloo ranks (torch.multiprocessing), our
+Trainer on the CPU, every scenario in one process group; each rank reports what it did."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+WORLD = 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _scenarios(rank: int, out: Path, fg_home: str) -> dict:
+    """Runs each scenario on this rank; returns {scenario: what this rank did}."""
+    import trainer as fg
+    from conftest import RegressionDataset, TinyRegression
+
+    class Votes(fg.TrainerCallback):
+        """Records the steps of every save / evaluation / log / step end; raises `vote` on `on_rank` at `step`."""
+
+        def __init__(self, on_rank=None, step=None, vote=None, at="on_step_end"):
+            self.on_rank, self.step, self.vote, self.at = on_rank, step, vote, at
+            self.saves, self.evaluations, self.logs, self.step_ends = [], [], [], []
+            self.bus = None
+
+        def _maybe_vote(self, event, state, control):
+            if event == self.at and rank == self.on_rank and state.global_step == self.step:
+                if self.vote == "ctl-save-and-stop":  # as `fg-bus ctl` or a signal: through the bus's inbox
+                    self.bus.publisher.request_control("save-and-stop", "signal SIGTERM")
+                else:
+                    setattr(control, self.vote, True)
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self._maybe_vote("on_step_begin", state, control)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.step_ends.append(state.global_step)
+            self._maybe_vote("on_step_end", state, control)
+
+        def on_evaluate(self, args, state, control, **kwargs):
+            self.evaluations.append(state.global_step)
+            self._maybe_vote("on_evaluate", state, control)
+
+        def on_save(self, args, state, control, **kwargs):
+            self.saves.append(state.global_step)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if "loss" in logs:
+                self.logs.append(state.global_step)
+
+    scenarios = {
+        # the step schedule alone: saves, evaluations and logs where they were, no vote
+        "schedule": dict(),
+        "stop_on_rank_1": dict(on_rank=1, step=3, vote="should_training_stop"),
+        "save_on_rank_0": dict(on_rank=0, step=2, vote="should_save"),
+        "ctl_on_rank_0": dict(on_rank=0, step=5, vote="ctl-save-and-stop", at="on_step_begin"),
+        "early_stop_on_rank_1": dict(on_rank=1, step=4, vote="should_training_stop", at="on_evaluate"),
+    }
+    report = {}
+    for name, vote in scenarios.items():
+        torch.manual_seed(0)
+        callback = Votes(**vote)
+        args = fg.TrainingArguments(output_dir=str(out / name), use_cpu=True, disable_tqdm=True, max_steps=10,
+                                    per_device_train_batch_size=2, logging_steps=3, eval_strategy="steps",
+                                    eval_steps=4, save_strategy="steps", save_steps=4, report_to="none")
+        bus = fg.BusCallback(system_interval=0) if vote.get("vote") == "ctl-save-and-stop" else None
+        callback.bus = bus
+        trainer = fg.Trainer(TinyRegression(), args, train_dataset=RegressionDataset(n=64),
+                             eval_dataset=RegressionDataset(n=8), callbacks=[callback], event_bus=bus)
+        trainer.train()
+        if bus is not None:
+            bus.close()
+        report[name] = {"step": trainer.state.global_step, "saves": callback.saves,
+                        "evaluations": callback.evaluations, "logs": callback.logs, "step_ends": callback.step_ends}
+    return report
+
+
+def _worker(rank: int, port: int, out: str, fg_home: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(WORLD), FG_HOME=fg_home)
+    from trainer import distributed
+
+    try:
+        report = _scenarios(rank, Path(out), fg_home)
+    finally:
+        distributed.teardown()
+    Path(out, f"rank{rank}.json").write_text(json.dumps(report))
+
+
+@pytest.fixture(scope="module")
+def reports(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ranks")
+    fg_home = str(tmp_path_factory.mktemp("fg-home"))
+    mp.spawn(_worker, args=(_free_port(), str(out), fg_home), nprocs=WORLD, join=True)
+    return [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(WORLD)]
+
+
+def both(reports, scenario: str) -> dict:
+    """What both ranks did in `scenario`, checked to be the same on each."""
+    first, second = (r[scenario] for r in reports)
+    assert first == second, (scenario, first, second)
+    return first
+
+
+def test_the_step_schedule_acts_at_its_step_on_every_rank_with_no_vote(reports):
+    did = both(reports, "schedule")
+    assert did == {"step": 10, "saves": [4, 8, 10], "evaluations": [4, 8, 10], "logs": [3, 6, 9],
+                   "step_ends": list(range(1, 11))}
+
+
+def test_a_stop_raised_on_one_rank_stops_both_one_step_later(reports):
+    did = both(reports, "stop_on_rank_1")
+    assert did["step"] == 4 and did["step_ends"] == [1, 2, 3, 4]  # raised at step 3, acted at step 4
+    assert did["saves"] == [4] and did["evaluations"] == [4]  # the schedule's step 4 happened as ever
+
+
+def test_a_save_raised_on_one_rank_saves_on_both_one_step_later(reports):
+    did = both(reports, "save_on_rank_0")
+    assert did["saves"] == [3, 4, 8, 10] and did["step"] == 10
+
+
+def test_a_ctl_save_and_stop_on_one_rank_saves_and_stops_both_one_step_later(reports):
+    did = both(reports, "ctl_on_rank_0")
+    # requested as step 6 begins (global_step 5), taken by the bus at its end, acted on at step 7
+    assert did["step"] == 7 and did["step_ends"] == list(range(1, 8))
+    assert did["saves"] == [4, 7]
+
+
+def test_an_early_stop_voted_in_on_evaluate_on_one_rank_stops_both_at_the_evaluation(reports):
+    did = both(reports, "early_stop_on_rank_1")
+    assert did["step"] == 4 and did["evaluations"] == [4] and did["saves"] == [4]
