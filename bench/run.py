@@ -18,10 +18,17 @@ measured in the same run, interleaved (A B A B ...), summarised by the median ov
                       off; the bus publishes on both sides. system_records: how many the on side published;
                       system_sample_us_max: the longest one sample took (in the sampler's thread)
   tb_sink_records_per_s, summarywriter_records_per_s   bench/tb_throughput.py
-  replay_records_per_s    a Subscriber replaying a live run's journal of N records (1M; 100k with --quick);
-                      parse_floor_records_per_s: bare orjson.loads of the same lines, for scale
+  replay_records_per_s    a Subscriber replaying a live run's journal of N records (1M; 100k with --quick),
+                      decoded and validated into dicts, in its own process (as a sink is);
+                      parse_floor_records_per_s: bare orjson.loads of the same lines, for scale;
+                      json_sink_raw_records_per_s: the json sink writing the same N records through the raw path
+                      (a raw Subscriber's RawLines into JsonSink.handle_raw), its output checked byte for byte
+                      against the journal; the two sides alternate, `rounds` times each, medians reported
   journal_bytes_per_record, bus_rss_mb    journal size per record; fg-train's resident memory at the end
                       of a run with the bus on minus off (VmRSS, separate processes)
+  journal_bytes_per_step, replay_compressed_records_per_s   bench/journal_size.py: the whole journal (sealed
+                      compressed segments + the live one) per step of the default model, and a replay of N records
+                      (1M; 100k with --quick) from compressed segments, over the same replay plain
 """
 
 from __future__ import annotations
@@ -44,10 +51,11 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import hotpath  # noqa: E402
+import journal_size  # noqa: E402
 from _report import emit  # noqa: E402
 import tb_throughput  # noqa: E402
 
-from fg_bus import Subscriber, registry  # noqa: E402
+from fg_bus import registry  # noqa: E402
 from trainer import InfoCallback, PrinterCallback, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 from trainer.bus_callback import BusCallback  # noqa: E402
 from trainer.chargpt import char_gpt_for  # noqa: E402
@@ -293,30 +301,71 @@ pub.close()
 """
 
 
-def replay_rate(n: int) -> dict:
-    """A live run with n records in its journal, in its own process (as a trainer is); a Subscriber from
-    seq 0 times the replay of all of them through the run's replay socket."""
+_REPLAY_READER = """
+import sys, time
+from fg_bus import Subscriber, registry
+from sinks.json_sink import JsonSink
+run_id, n, side, out = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+t0 = time.perf_counter()
+if side == "decoded":
+    sub = Subscriber(run_id, from_seq=0, dead_after=60)
+    got = 0
+    while got < n:
+        got += len(sub.poll(1.0))
+else:  # what fg-sink json does per poll: RawLines into handle_raw
+    sink = JsonSink(out=out)
+    sink.open_run(registry.resolve(run_id))
+    sub = Subscriber(run_id, from_seq=0, dead_after=60, raw=True)
+    while sink.written < n:
+        for lines in sub.poll(1.0):
+            sink.handle_raw(lines.data, 0, lines.first_seq, lines.last_seq)
+    sink.close()
+print(n / (time.perf_counter() - t0), flush=True)
+sub.close()
+"""
+
+
+def replay_rate(n: int, rounds: int = 2) -> dict:
+    """A live run with n records in its journal, in its own process (as a trainer is); a reader from seq 0,
+    in a fresh process of its own (as a sink is: no trainer's heap for the collector to walk), times the
+    replay of all of them through the run's replay socket: decoded into dicts, and through the json sink's
+    raw path, alternating."""
     work = Path(tempfile.mkdtemp(prefix="fg-bench-replay-"))
+    # One plain segment (no sealing): this is the decode side's figure; journal_figures times compressed ones.
     trainer = subprocess.Popen([sys.executable, "-c", _REPLAY_TRAINER, str(n), str(work)], stdin=subprocess.PIPE,
-                               stdout=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, text=True,
+                               env={**os.environ, "FG_JOURNAL_SEGMENT_BYTES": str(1 << 40)})
+    rates: dict[str, list[float]] = {"decoded": [], "raw": []}
     try:
         run_id = trainer.stdout.readline().strip()
         if not run_id:
             raise RuntimeError("the replay benchmark's publisher did not start")
-        t0 = time.perf_counter()
-        sub = Subscriber(run_id, from_seq=0, dead_after=60)
-        got = 0
-        while got < n:
-            got += len(sub.poll(1.0))
-        elapsed = time.perf_counter() - t0
-        sub.close()
         journal = registry.resolve(run_id).journal_path()
+        for r in range(rounds):
+            for side in ("decoded", "raw"):
+                out = work / f"raw{r}.jsonl"
+                proc = subprocess.run([sys.executable, "-c", _REPLAY_READER, run_id, str(n), side, str(out)],
+                                      capture_output=True, text=True, timeout=600, cwd=ROOT)
+                if proc.returncode != 0:
+                    raise RuntimeError(f"the replay benchmark's {side} reader failed: {proc.stderr[-2000:]}")
+                rates[side].append(float(proc.stdout.split()[-1]))
+                if side == "raw" and out.read_bytes() != _first_lines(journal, n):
+                    raise RuntimeError(f"the json sink's raw output {out} differs from the journal's lines")
         size = journal.stat().st_size
     finally:
         trainer.stdin.close()
         trainer.wait(60)
-    return {"replay_records": n, "replay_records_per_s": n / elapsed, "journal_bytes_per_record": size / n,
-            "parse_floor_records_per_s": n / _parse_floor(journal)}
+    return {"replay_records": n, "replay_records_per_s": statistics.median(rates["decoded"]),
+            "json_sink_raw_records_per_s": statistics.median(rates["raw"]),
+            "journal_bytes_per_record": size / n, "parse_floor_records_per_s": n / _parse_floor(journal)}
+
+
+def _first_lines(journal: Path, n: int) -> bytes:
+    data = journal.read_bytes()
+    end = 0
+    for _ in range(n):
+        end = data.index(b"\n", end) + 1
+    return data[:end]
 
 
 def _parse_floor(journal: Path) -> float:
@@ -351,25 +400,52 @@ def bus_rss(steps: int) -> dict:
     return {"rss_mb_bus_off": min(off), "rss_mb_bus_on": min(on), "bus_rss_mb": min(on) - min(off)}
 
 
+def journal_figures(corpus, device: str, steps: int, replay_records: int, rounds: int) -> dict:
+    """bench/journal_size.py's figures, the step's records taken from a short real run of the default model
+    (bus on, logging every step)."""
+    bus = BusCallback(run_name="bench-journal")
+    _trainer(corpus, Path(tempfile.mkdtemp(prefix="fg-bench-journal-run-")), 8, device, event_bus=bus).train()
+    bus.close()
+    return journal_size.figures(bus.publisher.bus_dir / "journal.rank0.jsonl", steps, replay_records, rounds)
+
+
 def _missing_switches(figures: dict) -> str:
     missing = [name for name in THROUGHPUT_SWITCHES if name not in figures["throughput_switches"]]
     return f"; not in TrainingArguments: {', '.join(missing)}" if missing else ""
 
 
+#: what each part measures over, per mode (journal_steps: past one 8 MiB segment, so one is sealed)
+SIZES = {"full": {"events": 100_000, "steps": 300, "rounds": 3, "tb_records": 20_000, "replay": 1_000_000,
+                  "rss_steps": 100, "journal_steps": 100_000},
+         "quick": {"events": 20_000, "steps": 60, "rounds": 2, "tb_records": 5_000, "replay": 100_000,
+                   "rss_steps": 20, "journal_steps": 20_000},
+         "smoke": {"events": 2_000, "steps": 10, "rounds": 1, "tb_records": 500, "replay": 10_000,
+                   "rss_steps": 3, "journal_steps": 7_000}}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="smaller sizes: about two minutes on 2 CPU cores")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="smaller sizes: a few minutes on 2 CPU cores")
+    size.add_argument("--smoke", action="store_true",
+                      help="the smallest sizes that still run every part (the test suite's smoke test): the figures "
+                           "are too noisy to mean anything")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--json", type=Path, help="also write the figures to this file")
+    p.add_argument("--only", choices=("replay",), help="only this part: replay (replay_records_per_s, "
+                   "json_sink_raw_records_per_s, parse_floor_records_per_s; about 20 s with --quick)")
     opts = p.parse_args(argv)
     if opts.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: torch sees no CUDA device")
     os.environ.setdefault("FG_HOME", tempfile.mkdtemp(prefix="fg-bench-home-"))
     q = opts.quick
-    sizes = {"events": 20_000 if q else 100_000, "steps": 60 if q else 300, "rounds": 2 if q else 3,
-             "tb_records": 5_000 if q else 20_000, "replay": 100_000 if q else 1_000_000, "rss_steps": 20 if q else 100}
-    figures: dict = {"quick": q, "device": opts.device}
+    sizes = SIZES["smoke" if opts.smoke else "quick" if q else "full"]
+    figures: dict = {"quick": q, "smoke": opts.smoke, "device": opts.device}
     t_all = time.perf_counter()
+    if opts.only == "replay":
+        figures.update(replay_rate(sizes["replay"], sizes["rounds"]))
+        figures["seconds"] = time.perf_counter() - t_all
+        return emit(figures, opts.json)
     hot = hotpath.run(sizes["events"])
     figures.update({k: hot[k] for k in ("publish_us_median", "publish_us_p99", "floor_us_median")})
     corpus = CharCorpus(block_size=64)
@@ -383,8 +459,9 @@ def main(argv: list[str] | None = None) -> int:
         writer_s.append(tb_throughput.run_summarywriter(records))
     figures["tb_sink_records_per_s"] = len(records) / statistics.median(sink_s)
     figures["summarywriter_records_per_s"] = len(records) / statistics.median(writer_s)
-    figures.update(replay_rate(sizes["replay"]))
+    figures.update(replay_rate(sizes["replay"], sizes["rounds"]))
     figures.update(bus_rss(sizes["rss_steps"]))
+    figures.update(journal_figures(corpus, opts.device, sizes["journal_steps"], sizes["replay"], sizes["rounds"]))
     figures["seconds"] = time.perf_counter() - t_all
 
     rows = [
@@ -401,7 +478,15 @@ def main(argv: list[str] | None = None) -> int:
                                               f"{figures['summarywriter_records_per_s']:,.0f}"),
         (f"replay of {figures['replay_records']:,} records", f"{figures['replay_records_per_s']:,.0f} records/s"),
         ("bare orjson.loads of the same lines", f"{figures['parse_floor_records_per_s']:,.0f} records/s"),
+        ("json sink, raw path, same records", f"{figures['json_sink_raw_records_per_s']:,.0f} records/s"),
         ("journal bytes per record", f"{figures['journal_bytes_per_record']:.0f}"),
+        ("journal bytes per step: whole / plain / sealed",
+         f"{figures['journal_bytes_per_step']:.0f} / {figures['journal_plain_bytes_per_step']:.0f} / "
+         f"{figures['journal_sealed_bytes_per_step']:.0f} ({figures['journal_steps']:,} steps, "
+         f"{figures['journal_segments']} segments)"),
+        (f"replay of {figures['replay_compressed_records']:,} records, compressed segments",
+         f"{figures['replay_compressed_records_per_s']:,.0f} records/s "
+         f"({figures['replay_compressed_over_plain']:.2f}x the time plain)"),
         ("trainer RSS, bus on - off", f"{figures['bus_rss_mb']:.1f} MB"),
     ]
     width = max(len(name) for name, _ in rows)
