@@ -29,6 +29,9 @@ measured in the same run, interleaved (A B A B ...), summarised by the median ov
   journal_bytes_per_step, replay_compressed_records_per_s   bench/journal_size.py: the whole journal (sealed
                       compressed segments + the live one) per step of the default model, and a replay of N records
                       (1M; 100k with --quick) from compressed segments, over the same replay plain
+  control_share_new / control_share_old   bench/control_agreement.py: the training thread's wait per step for the
+                      control agreement under torchrun (2 gloo ranks, a 20 ms busy step), new async vote and the
+                      old synchronous all-reduce, alternated, as a share of the step
 """
 
 from __future__ import annotations
@@ -400,6 +403,15 @@ def bus_rss(steps: int) -> dict:
     return {"rss_mb_bus_off": min(off), "rss_mb_bus_on": min(on), "bus_rss_mb": min(on) - min(off)}
 
 
+def control_figures(calls: int) -> dict:
+    """bench/control_agreement.py on a 20 ms host step between 2 ranks (its own processes), old and new path."""
+    proc = subprocess.run([sys.executable, str(Path(__file__).with_name("control_agreement.py")), "--calls",
+                           str(calls), "--steps-ms", "20"], capture_output=True, text=True, timeout=600, check=True)
+    (row,) = json.loads(proc.stdout.strip().splitlines()[-1])["steps"]
+    return {"control_us_new": row["new_us_mean"], "control_us_old": row["old_us_mean"],
+            "control_share_new": row["new_share_of_step"], "control_share_old": row["old_share_of_step"]}
+
+
 def journal_figures(corpus, device: str, steps: int, replay_records: int, rounds: int) -> dict:
     """bench/journal_size.py's figures, the step's records taken from a short real run of the default model
     (bus on, logging every step)."""
@@ -416,11 +428,11 @@ def _missing_switches(figures: dict) -> str:
 
 #: what each part measures over, per mode (journal_steps: past one 8 MiB segment, so one is sealed)
 SIZES = {"full": {"events": 100_000, "steps": 300, "rounds": 3, "tb_records": 20_000, "replay": 1_000_000,
-                  "rss_steps": 100, "journal_steps": 100_000},
+                  "rss_steps": 100, "journal_steps": 100_000, "control_calls": 300},
          "quick": {"events": 20_000, "steps": 60, "rounds": 2, "tb_records": 5_000, "replay": 100_000,
-                   "rss_steps": 20, "journal_steps": 20_000},
+                   "rss_steps": 20, "journal_steps": 20_000, "control_calls": 100},
          "smoke": {"events": 2_000, "steps": 10, "rounds": 1, "tb_records": 500, "replay": 10_000,
-                   "rss_steps": 3, "journal_steps": 7_000}}
+                   "rss_steps": 3, "journal_steps": 7_000, "control_calls": 50}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -462,6 +474,7 @@ def main(argv: list[str] | None = None) -> int:
     figures.update(replay_rate(sizes["replay"], sizes["rounds"]))
     figures.update(bus_rss(sizes["rss_steps"]))
     figures.update(journal_figures(corpus, opts.device, sizes["journal_steps"], sizes["replay"], sizes["rounds"]))
+    figures.update(control_figures(sizes["control_calls"]))
     figures["seconds"] = time.perf_counter() - t_all
 
     rows = [
@@ -488,6 +501,9 @@ def main(argv: list[str] | None = None) -> int:
          f"{figures['replay_compressed_records_per_s']:,.0f} records/s "
          f"({figures['replay_compressed_over_plain']:.2f}x the time plain)"),
         ("trainer RSS, bus on - off", f"{figures['bus_rss_mb']:.1f} MB"),
+        ("control agreement, 20 ms step, 2 ranks: new / old",
+         f"{figures['control_us_new']:.0f} / {figures['control_us_old']:.0f} us "
+         f"({100 * figures['control_share_new']:.1f}% / {100 * figures['control_share_old']:.1f}% of the step)"),
     ]
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
