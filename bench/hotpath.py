@@ -127,16 +127,19 @@ def run(n_events: int, block: int = 5000) -> dict:
     done = 0
     if n_events % block:
         raise ValueError(f"events ({n_events}) must be a multiple of the block ({block})")
-    while done < n_events:
-        for i in range(block):  # A: the publishing callback
-            if i % len(mix) == 0:
+    def callbacks(calls: list, out: list[int]) -> None:
+        """One block of a step's events through `calls` (a matmul before each step), as the handler calls them."""
+        for i in range(block):
+            if i % len(calls) == 0:
                 compute()
-            call = mix[i % len(mix)]
             state.global_step = done + i
-            fresh_logs[0] = dict(logs)
+            fresh_logs[0] = dict(logs)  # the trainer's fresh logs dict: its cost, not the callback's
             t0 = clock()
-            call(args, state, control, logs=fresh_logs[0])
-            publish_ns.append(clock() - t0)
+            calls[i % len(calls)](args, state, control, logs=fresh_logs[0])
+            out.append(clock() - t0)
+
+    while done < n_events:
+        callbacks(mix, publish_ns)  # A: the publishing callback
         for i in range(block):  # B: the floor
             if i % len(floor_records) == 0:
                 compute()
@@ -145,15 +148,7 @@ def run(n_events: int, block: int = 5000) -> dict:
             t0 = clock()
             pub.send_multipart([record["event"].encode(), orjson.dumps(record)], flags=zmq.NOBLOCK)
             floor_ns.append(clock() - t0)
-        for i in range(block):  # C: the bare hand-off
-            if i % len(bare_mix) == 0:
-                compute()
-            call = bare_mix[i % len(bare_mix)]
-            state.global_step = done + i
-            fresh_logs[0] = dict(logs)
-            t0 = clock()
-            call(args, state, control, logs=fresh_logs[0])
-            handoff_ns.append(clock() - t0)
+        callbacks(bare_mix, handoff_ns)  # C: the bare hand-off
         bare.queue.clear()
         done += block
 
