@@ -145,9 +145,26 @@ class InlineTextgen(TrainerCallback):
             model.train()
 
 
+#: the char GPT's config for the in-process runs (--model changes it: on a GPU, a model with 10-50 ms steps)
+MODEL: dict = {"block_size": 64}
+
+
+def _model_option(text: str) -> dict:
+    """--model n_layer=12,n_head=12,n_embd=768: the char GPT's width and depth (its block stays the corpus's)."""
+    out = {}
+    for item in filter(None, text.split(",")):
+        name, _, value = item.partition("=")
+        if name not in ("n_layer", "n_head", "n_embd") or not value.isdigit() or int(value) < 1:
+            raise argparse.ArgumentTypeError(f"{item!r}: NAME=N with NAME n_layer, n_head or n_embd and N >= 1")
+        out[name] = int(value)
+    if out.get("n_embd", 128) % out.get("n_head", 4):
+        raise argparse.ArgumentTypeError(f"{text!r}: n_embd must be a multiple of n_head")
+    return out
+
+
 def _trainer(corpus, out: Path, steps: int, device: str, callbacks=(), event_bus=None, **extra_args) -> Trainer:
     torch.manual_seed(0)
-    model = char_gpt_for(corpus.tokenizer, block_size=64)
+    model = char_gpt_for(corpus.tokenizer, **MODEL)
     args = TrainingArguments(output_dir=str(out), max_steps=steps, per_device_train_batch_size=32,
                              learning_rate=3e-3, logging_steps=1, save_strategy="no", disable_tqdm=True,
                              use_cpu=device == "cpu", report_to="none", **extra_args)
@@ -262,7 +279,7 @@ def _raw_loop(corpus, steps: int, device: str, warmup: int = 3) -> float:
     Trainer's logging_steps=1 does."""
     torch.manual_seed(0)
     dev = torch.device(device)
-    model = char_gpt_for(corpus.tokenizer, block_size=64).to(dev)
+    model = char_gpt_for(corpus.tokenizer, **MODEL).to(dev)
     loader = torch.utils.data.DataLoader(corpus.train_dataset, batch_size=32, collate_fn=default_data_collator,
                                          sampler=EpochSampler(len(corpus.train_dataset), seed=42))
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -443,6 +460,9 @@ def main(argv: list[str] | None = None) -> int:
                       help="the smallest sizes that still run every part (the test suite's smoke test): the figures "
                            "are too noisy to mean anything")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--model", type=_model_option, default={}, metavar="NAME=INT,...",
+                   help="the char GPT's size for the step and loop ratios, e.g. n_layer=12,n_head=12,n_embd=768 "
+                        "(default: fg-train's default model; on a GPU pick one whose step takes 10-50 ms)")
     p.add_argument("--json", type=Path, help="also write the figures to this file")
     p.add_argument("--only", choices=("replay",), help="only this part: replay (replay_records_per_s, "
                    "json_sink_raw_records_per_s, parse_floor_records_per_s; about 20 s with --quick)")
@@ -450,9 +470,10 @@ def main(argv: list[str] | None = None) -> int:
     if opts.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: torch sees no CUDA device")
     os.environ.setdefault("FG_HOME", tempfile.mkdtemp(prefix="fg-bench-home-"))
+    MODEL.update(opts.model)
     q = opts.quick
     sizes = SIZES["smoke" if opts.smoke else "quick" if q else "full"]
-    figures: dict = {"quick": q, "smoke": opts.smoke, "device": opts.device}
+    figures: dict = {"quick": q, "smoke": opts.smoke, "device": opts.device, "model": dict(MODEL)}
     t_all = time.perf_counter()
     if opts.only == "replay":
         figures.update(replay_rate(sizes["replay"], sizes["rounds"]))
