@@ -375,6 +375,17 @@ def server(tmp_path, template_db):
     srv.log.close()
 
 
+def feed_into_an_outage(sink, recs: list[dict], outage: str) -> threading.Thread:
+    """Feed `recs` (then the end) in a thread, returned once the sink has noticed `outage` (it is retrying)."""
+    rest = threading.Thread(target=feed, args=(sink, recs, "completed"), daemon=True)
+    rest.start()
+    deadline = time.monotonic() + 120
+    while sink.outages == 0:
+        assert time.monotonic() < deadline and rest.is_alive(), f"the sink never noticed {outage}"
+        time.sleep(0.05)
+    return rest
+
+
 @pytest.mark.slow  # two starts of an mlflow server: tens of seconds, minutes on a loaded machine
 @pytest.mark.timeout(900)
 def test_server_stopped_mid_run_then_back(tmp_path, server, capsys):
@@ -384,12 +395,7 @@ def test_server_stopped_mid_run_then_back(tmp_path, server, capsys):
     sink.open_run(info)
     feed(sink, recs[:40])
     server.stop()
-    rest = threading.Thread(target=feed, args=(sink, recs[40:], "completed"), daemon=True)
-    rest.start()  # the sink now waits for the server, retrying with backoff
-    deadline = time.monotonic() + 120
-    while sink.outages == 0:
-        assert time.monotonic() < deadline and rest.is_alive(), "the sink never noticed the server was down"
-        time.sleep(0.05)
+    rest = feed_into_an_outage(sink, recs[40:], "the server was down")  # it retries with backoff meanwhile
     server.start()
     rest.join(180)
     assert not rest.is_alive(), "the sink did not catch up after the server came back"
@@ -417,12 +423,7 @@ def test_store_unwritable_mid_run_then_back(tmp_path, store, capsys):
     feed(sink, recs[:40])
     holder = sqlite3.connect(store[len("sqlite:///"):], timeout=30, isolation_level=None)
     holder.execute("BEGIN IMMEDIATE")
-    rest = threading.Thread(target=feed, args=(sink, recs[40:], "completed"), daemon=True)
-    rest.start()
-    deadline = time.monotonic() + 120
-    while sink.outages == 0:
-        assert time.monotonic() < deadline and rest.is_alive(), "the sink never noticed the store was locked"
-        time.sleep(0.05)
+    rest = feed_into_an_outage(sink, recs[40:], "the store was locked")
     holder.execute("ROLLBACK")
     holder.close()
     rest.join(180)
