@@ -30,8 +30,9 @@ measured in the same run, interleaved (A B A B ...), summarised by the median ov
                       compressed segments + the live one) per step of the default model, and a replay of N records
                       (1M; 100k with --quick) from compressed segments, over the same replay plain
   control_share_new / control_share_old   bench/control_agreement.py: the training thread's wait per step for the
-                      control agreement under torchrun (2 gloo ranks, a 20 ms busy step), new async vote and the
-                      old synchronous all-reduce, alternated, as a share of the step
+                      control agreement under torchrun (2 gloo ranks, a 20 ms busy step), new async votes (agreed
+                      every control_every steps, auto) and the old synchronous all-reduce, alternated, as a share
+                      of the step
 """
 
 from __future__ import annotations
@@ -426,7 +427,8 @@ def control_figures(calls: int) -> dict:
                            str(calls), "--steps-ms", "20"], capture_output=True, text=True, timeout=600, check=True)
     (row,) = json.loads(proc.stdout.strip().splitlines()[-1])["steps"]
     return {"control_us_new": row["new_us_mean"], "control_us_old": row["old_us_mean"],
-            "control_share_new": row["new_share_of_step"], "control_share_old": row["old_share_of_step"]}
+            "control_share_new": row["new_share_of_step"], "control_share_old": row["old_share_of_step"],
+            "control_every": row["every"]}
 
 
 def journal_figures(corpus, device: str, steps: int, replay_records: int, rounds: int) -> dict:
@@ -524,7 +526,8 @@ def main(argv: list[str] | None = None) -> int:
         ("trainer RSS, bus on - off", f"{figures['bus_rss_mb']:.1f} MB"),
         ("control agreement, 20 ms step, 2 ranks: new / old",
          f"{figures['control_us_new']:.0f} / {figures['control_us_old']:.0f} us "
-         f"({100 * figures['control_share_new']:.1f}% / {100 * figures['control_share_old']:.1f}% of the step)"),
+         f"({100 * figures['control_share_new']:.2f}% / {100 * figures['control_share_old']:.1f}% of the step; "
+         f"votes agreed every {figures['control_every']} steps)"),
     ]
     width = max(len(name) for name, _ in rows)
     for name, value in rows:

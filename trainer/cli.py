@@ -187,6 +187,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     opts = parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        distributed.vote_every_from_env()  # before torchrun starts ranks that would each refuse it
+    except ValueError as e:
+        print(f"fg-train: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     if opts.nproc_per_node is not None and "LOCAL_RANK" not in os.environ:
         return _launch_torchrun(opts, argv)

@@ -8,7 +8,8 @@ sync to a GPU step. With one process (no WORLD_SIZE, or 1) every function here i
                                 at every step boundary: the flags every rank computes alike (the step
                                 schedule's log / evaluate / save / stop) act at once, with no collective;
                                 any other flag is a rank's vote, sent in an all-reduce that runs while the
-                                next step trains, and the OR of the votes acts on every rank at that step
+                                next steps train; the OR of the votes acts on every rank at the same step,
+                                K to 2K-1 steps later (K agreed: about 100 ms of steps)
     agree_on_control(control)   at an epoch's end and after an evaluation: the OR of every rank's flags,
                                 at once (a synchronous all-reduce), the pending votes included
     mean_over_ranks(tensor)     in place, on the training device (logging steps only)
@@ -20,6 +21,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import time
 
 import torch
 import torch.distributed as dist
@@ -32,8 +34,16 @@ logger = logging.getLogger(__name__)
 _CONTROL_FLAGS = ("should_training_stop", "should_epoch_stop", "should_save", "should_evaluate", "should_log",
                   "should_abort")
 _host_group = None  # gloo group for host-side agreement (the default group itself when it is gloo)
-_pending = None  # (work, its buffer) of the votes all-reduced since the last step boundary
-_vote_buffers: list = []  # two one-int tensors, taking turns: one in flight, one being filled
+_pending = None  # (work, due step) of the votes' all-reduce in flight
+_vote_box = None  # its one-int tensor: bits 0-5 the flags voted, bits 8-14 the K each rank asks for
+_vote_view = None  # a numpy view of it
+_held = 0  # the flags this rank voted since the last issue (bits as in _CONTROL_FLAGS)
+_every = 1  # K, agreed: steps between the issue of an all-reduce of the votes and its wait
+_issued = None  # (perf_counter, step) of the last issue: this rank's step time
+_forced_every = None  # FG_CONTROL_VOTE_EVERY (0: auto), read at setup or at the first issue
+_AUTO_INTERVAL_S = 0.1  # auto: agree about this often
+_MAX_EVERY = 64
+_EVERY_SHIFT = 8
 _BOR = dist.AllreduceOptions() if dist.is_available() else None
 if _BOR is not None:
     _BOR.reduceOp = dist.ReduceOp.BOR
@@ -50,9 +60,10 @@ def is_distributed() -> bool:
 def setup(args, timeout_s: float = 600.0) -> bool:
     """Join torchrun's process group if the environment describes more than one process. True if
     distributed. Raises a clear error if the environment is half set up."""
-    global _host_group
+    global _host_group, _forced_every, _every, _issued
     if int(os.environ.get("WORLD_SIZE", 1)) <= 1:
         return False
+    _forced_every, _every, _issued = vote_every_from_env(), 1, None  # each Trainer agrees on K anew
     if not dist.is_available():
         raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
     missing = [k for k in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
@@ -80,64 +91,115 @@ def agree_on_step(control, args, state) -> None:
       max_steps), which every rank computes from the same step count and arguments. They act now, on
       each rank, as in transformers, where no rank asks another: no collective at all.
     - votes: every other flag set now (`fg-bus ctl` and signals through BusCallback, JIT checkpointing, a
-      callback's rule on rank-local data). They are cleared here, on the rank that raised them too, and
-      sent in an all-reduce (a bitwise OR over ranks) started now, which gloo runs in its own threads
-      while the next step trains; at the next step boundary, every rank waits for it (done by then,
-      unless a rank lags) and ORs its result into its flags. So a vote acts one step later than it was raised,
-      at the same step on every rank, and that step is the same whichever rank voted.
+      callback's rule on rank-local data). They are cleared here, on the rank that raised them too, held,
+      and sent in the next all-reduce of the votes (a bitwise OR over ranks). That all-reduce runs in
+      gloo's own threads while the next steps train; K steps after it was issued, every rank waits for it
+      (done by then, unless a rank lags), ORs its result into its flags and issues the next one. So a vote
+      acts K to 2K-1 steps after it was raised, at the same step on every rank whichever rank voted.
+
+    K (`_every`) is agreed in the same all-reduce: each rank asks for the smallest power of two K (1 to
+    64) whose K steps last `_AUTO_INTERVAL_S` (100 ms) at its measured step time, one bit per choice, and
+    the smallest asked for wins, on every rank alike from the same reduced int. Steps of 100 ms or more
+    agree at every step (a vote acts at the next one); 20 ms steps every 8; 2 ms steps every 64. So a vote
+    acts within about 200 ms whatever the step, and issuing the collective (0.3-1 ms on the loaded 2-core
+    VM, where 2 ranks share the 2 cores with gloo's threads) costs about 0.4% of a 20 ms step
+    (bench/control_agreement.py). `FG_CONTROL_VOTE_EVERY=N` (a power of two up to 64) fixes K instead; 1
+    agrees at every step.
 
     An epoch's end and an evaluation agree synchronously (`agree_on_control`): they come once an epoch or
     an evaluation, and an evaluation's callbacks (early stopping) decide at its step, as in transformers.
-
-    The votes travel as one int, a bit per flag, reduced with a bitwise OR, in one of two preallocated
-    tensors (filled through a numpy view), issued on the process group directly: on most steps no flag
-    is set, and a step costs the issue of one all-reduce and the wait for the last (bench/
-    control_agreement.py: a tenth to a third of the synchronous path's time on the loaded 2-core VM).
+    The held votes go with them.
     """
-    global _pending
-    if not is_distributed():
+    global _held
+    if _pending is None and not is_distributed():
         return
-    votes = 0
-    if any(getattr(control, name, False) for name in _CONTROL_FLAGS):  # a log / save / ... step, or a vote
+    # Each flag of _CONTROL_FLAGS by name: a generator over them (any(getattr ...)) costs 4x this on the
+    # first call after a step, when the interpreter's caches are cold (28 against 7 us on the VM).
+    if (control.should_training_stop or control.should_epoch_stop or control.should_save or control.should_evaluate
+            or control.should_log or control.__dict__.get("should_abort")):  # a log / save / ... step, or a vote
         scheduled = _scheduled_flags(args, state)
         for bit, name in enumerate(_CONTROL_FLAGS):
             if getattr(control, name, False) and name not in scheduled:
-                votes |= 1 << bit
-                setattr(control, name, False)  # not yet: every rank acts on it at the next boundary
-    if not _vote_buffers:
-        _vote_buffers.extend(torch.zeros(1, dtype=torch.int64) for _ in range(2))
-    box = _vote_buffers[0] if _pending is None or _pending[1] is not _vote_buffers[0] else _vote_buffers[1]
-    box.numpy()[0] = votes
-    # The process group's own call: dist.all_reduce's wrapper (checks, logging) would double the issue's cost.
-    work = (_host_group or dist.group.WORLD).allreduce([box], _BOR)
-    previous, _pending = _pending, (work, box)
-    if previous is not None:
-        _apply_votes(previous, control)
+                _held |= 1 << bit
+                setattr(control, name, False)  # not yet: every rank acts on it at the same later boundary
+    if _pending is not None:
+        if state.global_step < _pending[1]:
+            return  # the common step: no collective, no wait
+        _apply_votes(control)
+    _issue_votes(state.global_step)
 
 
 def agree_on_control(control) -> None:
     """Every rank ends up with the OR of all ranks' control flags (one small gloo all-reduce on the host,
-    waited for), and with the votes of the last step boundary (`agree_on_step`), which act now."""
-    global _pending
+    waited for), the votes held and in flight since `agree_on_step` included: they act now."""
+    global _held
     if not is_distributed():
         return
     if _pending is not None:
-        previous, _pending = _pending, None
-        _apply_votes(previous, control)
+        _apply_votes(control)
+    for bit, name in enumerate(_CONTROL_FLAGS):
+        if _held >> bit & 1:
+            setattr(control, name, True)
+    _held = 0
     flags = torch.tensor([int(bool(getattr(control, name, False))) for name in _CONTROL_FLAGS], dtype=torch.int32)
     dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=_host_group)
     for name, value in zip(_CONTROL_FLAGS, flags.tolist()):
         setattr(control, name, bool(value))
 
 
-def _apply_votes(pending, control) -> None:
-    work, box = pending
-    work.wait()
-    votes = int(box.numpy()[0])
-    if votes:
-        for bit, name in enumerate(_CONTROL_FLAGS):
-            if votes >> bit & 1:
-                setattr(control, name, True)
+def _issue_votes(step: int) -> None:
+    """Start the all-reduce of the held votes and of this rank's choice of K; it is due K steps from now."""
+    global _held, _pending, _issued, _forced_every
+    now = time.perf_counter()
+    if _forced_every is None:
+        _forced_every = vote_every_from_env()
+    if _forced_every:
+        wanted = _forced_every
+    elif _issued is None or step <= _issued[1]:
+        wanted = 1
+    else:
+        step_s = (now - _issued[0]) / (step - _issued[1])
+        wanted = 1
+        while wanted < _MAX_EVERY and wanted * step_s < _AUTO_INTERVAL_S:
+            wanted *= 2
+    if _vote_box is None:
+        _make_vote_box()
+    _vote_view[0] = _held | 1 << (_EVERY_SHIFT + wanted.bit_length() - 1)
+    _held = 0
+    # The process group's own call: dist.all_reduce's wrapper (checks, logging) would double the issue's cost.
+    work = (_host_group or dist.group.WORLD).allreduce([_vote_box], _BOR)
+    _pending, _issued = (work, step + _every), (now, step)
+
+
+def _apply_votes(control) -> None:
+    """Wait for the votes in flight, raise the flags any rank voted, and take the K agreed."""
+    global _pending, _every
+    _pending[0].wait()
+    _pending = None
+    reduced = int(_vote_view[0])
+    for bit, name in enumerate(_CONTROL_FLAGS):
+        if reduced >> bit & 1:
+            setattr(control, name, True)
+    asked = reduced >> _EVERY_SHIFT
+    if asked:
+        _every = asked & -asked  # the smallest K any rank asked for
+
+
+def _make_vote_box() -> None:
+    global _vote_box, _vote_view
+    _vote_box = torch.zeros(1, dtype=torch.int64)
+    _vote_view = _vote_box.numpy()  # filled and read through numpy: no tensor op on the training thread
+
+
+def vote_every_from_env() -> int:
+    """FG_CONTROL_VOTE_EVERY: "auto" (or unset) for 0, else a power of two from 1 to 64."""
+    value = os.environ.get("FG_CONTROL_VOTE_EVERY", "auto").strip()
+    if value in ("", "auto"):
+        return 0
+    if value.isdigit() and 1 <= int(value) <= _MAX_EVERY and int(value) & (int(value) - 1) == 0:
+        return int(value)
+    raise ValueError(f"FG_CONTROL_VOTE_EVERY={value!r}: use auto, or a power of two from 1 to {_MAX_EVERY} (the "
+                     "number of steps between two agreements of the ranks' control votes; 1 is every step)")
 
 
 def _scheduled_flags(args, state) -> set[str]:
@@ -171,8 +233,9 @@ def barrier() -> None:
 
 def teardown() -> None:
     """Leave the process group (at the end of training)."""
-    global _host_group, _pending
-    _pending = None  # votes of a train() that ended by an exception: nobody acts on them
+    global _host_group, _pending, _held, _every, _issued, _forced_every
+    # votes of a train() that ended by an exception: nobody acts on them
+    _pending, _held, _every, _issued, _forced_every = None, 0, 1, None, None
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
     _host_group = None

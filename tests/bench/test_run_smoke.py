@@ -14,7 +14,7 @@ KEYS = ("publish_us_median", "publish_us_p99", "floor_us_median", "step_ratio_si
         "step_ratio_monitoring", "loop_ratio_raw", "tb_sink_records_per_s", "summarywriter_records_per_s",
         "replay_records_per_s", "parse_floor_records_per_s", "json_sink_raw_records_per_s",
         "journal_bytes_per_step", "journal_plain_bytes_per_step", "journal_sealed_bytes_per_step",
-        "replay_compressed_records_per_s", "journal_bytes_per_record", "control_share_new", "control_share_old",
+        "replay_compressed_records_per_s", "journal_bytes_per_record", "control_share_new", "control_share_old", "control_every",
         "bus_rss_mb")
 
 

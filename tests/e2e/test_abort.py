@@ -171,8 +171,9 @@ def test_ctl_abort_sent_to_rank_1_aborts_both_ranks_at_the_same_step(env, tmp_pa
         assert journal[-1]["event"] == "end"
         assert not [r for r in journal if r["event"] == "on_save" and r["global_step"] >= last[rank]]
     applied = [r for r in orjson_lines(info.journal_path(1)) if r["event"] == "control" and r.get("applied")]
-    # taken at a step's end on rank 1, acted on by both ranks at the next (the same step, at an epoch's end)
-    assert [r["cmd"] for r in applied] == ["abort"] and applied[0]["global_step"] in (last[1] - 1, last[1])
+    # taken at a step's end on rank 1, acted on by both ranks at the same later step: K to 2K-1 steps later,
+    # K at most 64 (the same step, at an epoch's end)
+    assert [r["cmd"] for r in applied] == ["abort"] and last[1] - 127 <= applied[0]["global_step"] <= last[1]
     assert last[1] == last[0]
     assert max(checkpoints(out)) < last[0], checkpoints(out)
     assert not (out / "model.safetensors").exists()

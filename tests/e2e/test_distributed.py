@@ -78,22 +78,26 @@ def test_two_ranks_with_sinks_attached_log_both_streams_and_rank0_loss(fg_home, 
 def test_a_stop_raised_on_rank_1_only_stops_both_ranks_at_the_same_step(fg_home, tmp_path):
     out = tmp_path / "run"
     fg_train(fg_home, str(RANKS), "--nproc-per-node", "2", "--device", "cpu", "--output-dir", str(out),
-             "--max-steps", "60", "--var", "stop_rank=1", "--var", "stop_step=7")
+             "--max-steps", "600", "--var", "stop_rank=1", "--var", "stop_step=7")
     info = run_of(out)
+    last = {}
     for rank in (0, 1):
         journal = list(read_journal(info.journal_path(rank)))
         steps = [r["global_step"] for r in journal if r["event"] == "on_step_end"]
-        # raised at step 7 on rank 1, acted on by both at step 8: a rank's vote takes one step to agree
-        # (trainer/distributed.py agree_on_step)
-        assert steps == list(range(1, 9)), (rank, steps)
+        last[rank] = steps[-1]
+        # raised at step 7 on rank 1, acted on by both at the same later step: the ranks agree on votes
+        # every K steps (about 100 ms of steps, K at most 64), so it acts K to 2K-1 steps later
+        # (trainer/distributed.py agree_on_step), or at the epoch's end if that comes first
+        assert steps == list(range(1, last[rank] + 1)) and 8 <= last[rank] <= 7 + 127, (rank, steps)
         # the run's end says who stopped it: the callback on rank 1; rank 0 followed the ranks' agreement
         end = journal[-1]
         assert end["status"] == "stopped" and end["reason"]["by"] == ("callback" if rank else "rank"), end
         if rank:
-            assert end["reason"]["callback"] == "StopOnOneRank" and end["reason"]["step"] == 8
+            assert end["reason"]["callback"] == "StopOnOneRank" and end["reason"]["step"] == last[rank]
+    assert last[0] == last[1]
     assert info.status == "stopped" and "another rank asked to stop" in info.end_reason["text"]
     state = json.loads((out / "trainer_state.json").read_text())
-    assert state["global_step"] == 8
+    assert state["global_step"] == last[0]
 
 
 def test_two_nodes_on_loopback_are_followed_by_one_tail(fg_home, tmp_path):
@@ -171,8 +175,9 @@ def test_fg_bus_ctl_stop_sent_to_rank_1_stops_both_ranks_at_the_same_step(fg_hom
         assert journal[-1]["event"] == "end"
     assert last_steps[0] == last_steps[1] < 100000
     applied = [r for r in read_journal(info.journal_path(1)) if r["event"] == "control" and r.get("applied")]
-    # taken at a step's end on rank 1, acted on by both ranks at the next (the same step, at an epoch's end)
-    assert [r["cmd"] for r in applied] == ["stop"] and applied[0]["global_step"] in (last_steps[1] - 1, last_steps[1])
+    # taken at a step's end on rank 1, acted on by both ranks at the same later step: K to 2K-1 steps later,
+    # K at most 64 (trainer/distributed.py agree_on_step; the same step, at an epoch's end)
+    assert [r["cmd"] for r in applied] == ["stop"] and last_steps[1] - 127 <= applied[0]["global_step"] <= last_steps[1]
     assert (out / f"checkpoint-{last_steps[0]}").is_dir()  # stop saves, as for one process
 
 

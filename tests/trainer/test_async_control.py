@@ -1,7 +1,8 @@
 """Control agreement under torchrun without a wait per step (trainer/distributed.py `agree_on_step`): the
 step schedule's flags act at once on every rank; a flag one rank raises (a callback's stop, a `fg-bus ctl`
-save or stop, a signal) is all-reduced while the next step trains and acts on every rank one step later;
-an evaluation's votes (early stopping) act at its step. Two real gloo ranks (torch.multiprocessing), our
+save or stop, a signal) is all-reduced while the next steps train and acts on every rank K to 2K-1 steps
+later (one step later with FG_CONTROL_VOTE_EVERY=1, which the first scenarios use); an evaluation's votes
+(early stopping) act at its step. Two real gloo ranks (torch.multiprocessing), our
 Trainer on the CPU, every scenario in one process group; each rank reports what it did."""
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ def _scenarios(rank: int, out: Path, fg_home: str) -> dict:
     """Runs each scenario on this rank; returns {scenario: what this rank did}."""
     import trainer as fg
     from conftest import RegressionDataset, TinyRegression
+    from trainer import distributed
 
     class Votes(fg.TrainerCallback):
         """Records the steps of every save / evaluation / log / step end; raises `vote` on `on_rank` at `step`."""
@@ -69,14 +71,21 @@ def _scenarios(rank: int, out: Path, fg_home: str) -> dict:
         "save_on_rank_0": dict(on_rank=0, step=2, vote="should_save"),
         "ctl_on_rank_0": dict(on_rank=0, step=5, vote="ctl-save-and-stop", at="on_step_begin"),
         "early_stop_on_rank_1": dict(on_rank=1, step=4, vote="should_training_stop", at="on_evaluate"),
+        # the votes agreed every K steps (FG_CONTROL_VOTE_EVERY; auto: about 100 ms of steps), no evaluation
+        "stop_every_4": dict(on_rank=1, step=3, vote="should_training_stop", every="4"),
+        "save_every_4": dict(on_rank=0, step=7, vote="should_save", every="4"),
+        "stop_auto": dict(on_rank=0, step=3, vote="should_training_stop", every="auto"),
     }
     report = {}
     for name, vote in scenarios.items():
         torch.manual_seed(0)
+        os.environ["FG_CONTROL_VOTE_EVERY"] = vote.pop("every", "1")  # read as the Trainer joins
         callback = Votes(**vote)
-        args = fg.TrainingArguments(output_dir=str(out / name), use_cpu=True, disable_tqdm=True, max_steps=10,
-                                    per_device_train_batch_size=2, logging_steps=3, eval_strategy="steps",
-                                    eval_steps=4, save_strategy="steps", save_steps=4, report_to="none")
+        schedule = (dict(max_steps=10, logging_steps=3, eval_strategy="steps", eval_steps=4, save_strategy="steps",
+                         save_steps=4) if os.environ["FG_CONTROL_VOTE_EVERY"] == "1" else
+                    dict(max_steps=300, logging_steps=100, eval_strategy="no", save_strategy="no"))
+        args = fg.TrainingArguments(output_dir=str(out / name), use_cpu=True, disable_tqdm=True,
+                                    per_device_train_batch_size=2, report_to="none", **schedule)
         bus = fg.BusCallback(system_interval=0) if vote.get("vote") == "ctl-save-and-stop" else None
         callback.bus = bus
         trainer = fg.Trainer(TinyRegression(), args, train_dataset=RegressionDataset(n=64),
@@ -84,7 +93,7 @@ def _scenarios(rank: int, out: Path, fg_home: str) -> dict:
         trainer.train()
         if bus is not None:
             bus.close()
-        report[name] = {"step": trainer.state.global_step, "saves": callback.saves,
+        report[name] = {"step": trainer.state.global_step, "saves": callback.saves, "every": distributed._every,
                         "evaluations": callback.evaluations, "logs": callback.logs, "step_ends": callback.step_ends}
     return report
 
@@ -118,7 +127,7 @@ def both(reports, scenario: str) -> dict:
 
 def test_the_step_schedule_acts_at_its_step_on_every_rank_with_no_vote(reports):
     did = both(reports, "schedule")
-    assert did == {"step": 10, "saves": [4, 8, 10], "evaluations": [4, 8, 10], "logs": [3, 6, 9],
+    assert did == {"step": 10, "saves": [4, 8, 10], "evaluations": [4, 8, 10], "logs": [3, 6, 9], "every": 1,
                    "step_ends": list(range(1, 11))}
 
 
@@ -143,3 +152,38 @@ def test_a_ctl_save_and_stop_on_one_rank_saves_and_stops_both_one_step_later(rep
 def test_an_early_stop_voted_in_on_evaluate_on_one_rank_stops_both_at_the_evaluation(reports):
     did = both(reports, "early_stop_on_rank_1")
     assert did["step"] == 4 and did["evaluations"] == [4] and did["saves"] == [4]
+
+
+def test_votes_agreed_every_4_steps_act_4_to_7_steps_after_they_were_raised(reports):
+    # FG_CONTROL_VOTE_EVERY=4: an all-reduce issued at step 1 (due at 2, K not agreed yet), then at 2, 6,
+    # 10, ...; each waited for 4 steps later. A stop raised at step 3 goes out at 6 and acts at 10.
+    did = both(reports, "stop_every_4")
+    assert did["step"] == 10 and did["step_ends"] == list(range(1, 11)) and did["every"] == 4
+    # a save raised at step 7 goes out at 10 and is done at 14, the run going on to its end
+    did = both(reports, "save_every_4")
+    assert did["saves"] == [14] and did["step"] == 300
+
+
+def test_votes_agreed_auto_act_at_the_same_step_on_both_ranks_within_2k_steps(reports):
+    did = both(reports, "stop_auto")
+    assert did["every"] in (1, 2, 4, 8, 16, 32, 64)  # K, as both ranks agreed it last
+    # raised at step 3, acted on by the vote (not max_steps) within 2K-1 steps, K at most 64, or at the
+    # epoch's end (step 32: 64 examples in batches of 2), where the ranks agree at once
+    assert 4 <= did["step"] <= min(3 + 2 * 64 - 1, 32) and did["step_ends"] == list(range(1, did["step"] + 1))
+
+
+@pytest.mark.parametrize("value, every", [("auto", 0), ("", 0), ("1", 1), ("8", 8), ("64", 64)])
+def test_fg_control_vote_every_takes_auto_or_a_power_of_two(monkeypatch, value, every):
+    from trainer import distributed
+    monkeypatch.setenv("FG_CONTROL_VOTE_EVERY", value)
+    assert distributed.vote_every_from_env() == every
+
+
+@pytest.mark.parametrize("value", ["3", "0", "128", "-4", "often"])
+def test_fg_train_refuses_a_bad_fg_control_vote_every_before_starting_any_rank(monkeypatch, capsys, tmp_path, value):
+    from trainer import cli
+    monkeypatch.setenv("FG_CONTROL_VOTE_EVERY", value)
+    assert cli.main(["--nproc-per-node", "2", "--device", "cpu", "--output-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert f"FG_CONTROL_VOTE_EVERY={value!r}" in err and "a power of two from 1 to 64" in err
+    assert not (tmp_path / "run").exists()
