@@ -50,6 +50,21 @@ def test_records_keep_their_fields_in_order_and_the_end_record_its_last_step(pub
     assert publisher.publish("on_log", 5) is False  # closed: nothing queued
 
 
+def test_publish_step_event_writes_the_record_publish_writes(publisher):
+    publisher.publish("on_step_begin", 4, 0.75)
+    publisher.publish_step_event("on_step_begin", 4, 0.75)
+    publisher.publish("on_log", 4, 0.75, {"loss": 1.5, "learning_rate": 1e-3})
+    publisher.publish_step_event("on_log", 4, 0.75, {"loss": 1.5, "learning_rate": 1e-3})
+    publisher.close()
+    assert publisher.publish_step_event("on_step_begin", 5, 1.0) is False  # closed: nothing queued
+    got = journal(publisher)
+    for by_publish, by_step_event in (got[0:2], got[2:4]):
+        assert list(by_publish) == list(by_step_event)
+        del by_publish["seq"], by_publish["timestamp"], by_step_event["seq"], by_step_event["timestamp"]
+        assert by_publish == by_step_event
+    assert got[3]["metrics"] == {"loss": 1.5, "learning_rate": 1e-3} and got[1]["metrics"] == {}
+
+
 def test_the_timestamp_is_the_time_of_publishing_not_of_encoding(publisher):
     """A record whose values are not ready yet is encoded later; its timestamp is still the call's."""
     release = threading.Event()
@@ -104,21 +119,23 @@ def test_several_publishing_threads_get_every_seq_once_each_in_its_own_order(pub
 def test_a_thread_publishing_while_another_closes_never_gets_a_record_past_the_end(fg_home, tmp_path):
     for attempt in range(5):
         pub = Publisher(tmp_path / "bus" / str(attempt), registry.new_run_id("t")).start()
-        go, stop = threading.Event(), threading.Event()
+        go = threading.Event()
 
         def publish():
+            # Until publish() says the bus is closed, as a publishing thread does. (A thread that went on
+            # spinning in pure Python past that would hold the GIL against the bus thread, whose every
+            # socket send then waits out the interpreter's 5 ms switch interval: close() would time out.)
             go.set()
             i = 0
-            while not stop.is_set():
-                pub.publish("on_log", i)
+            while pub.publish("on_log", i):
                 i += 1
 
         worker = threading.Thread(target=publish)
         worker.start()
         go.wait(10)
         pub.close()
-        stop.set()
         worker.join(10)
+        assert not worker.is_alive()
         got = journal(pub)
         assert got[-1]["event"] == records.END
         assert [r["seq"] for r in got] == list(range(len(got)))
