@@ -440,16 +440,20 @@ class BusCallback(TrainerCallback):
     def on_step_begin(self, args, state, control, **kwargs):
         if self._taps is not None:
             self._taps.reset()  # a step cut short (should_epoch_stop mid-accumulation) leaves nothing behind
-        (self.publisher or self._ensure_started(args)).publish("on_step_begin", state.global_step, state.epoch)
+        (self.publisher or self._ensure_started(args)).publish_step_event("on_step_begin", state.global_step,
+                                                                          state.epoch)
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        (self.publisher or self._ensure_started(args)).publish("on_pre_optimizer_step", state.global_step, state.epoch)
+        (self.publisher or self._ensure_started(args)).publish_step_event("on_pre_optimizer_step", state.global_step,
+                                                                          state.epoch)
 
     def on_optimizer_step(self, args, state, control, **kwargs):
-        (self.publisher or self._ensure_started(args)).publish("on_optimizer_step", state.global_step, state.epoch)
+        (self.publisher or self._ensure_started(args)).publish_step_event("on_optimizer_step", state.global_step,
+                                                                          state.epoch)
 
     def on_substep_end(self, args, state, control, **kwargs):
-        (self.publisher or self._ensure_started(args)).publish("on_substep_end", state.global_step, state.epoch)
+        (self.publisher or self._ensure_started(args)).publish_step_event("on_substep_end", state.global_step,
+                                                                          state.epoch)
 
     def on_step_end(self, args, state, control, **kwargs):
         """The step's loss and grad norm (as tensors: never read here) and, from our Trainer, this rank's wait
@@ -466,7 +470,7 @@ class BusCallback(TrainerCallback):
                 "data_time": round(trainer.step_data_time * 1e6) / 1e6})
         else:
             self._publish_step_values(state)
-        if publisher.has_control_requests:
+        if publisher._control:  # has_control_requests, without the property's call
             self._apply_control(args, state, control)
 
     def _publish_step_values(self, state) -> None:
@@ -565,9 +569,10 @@ class BusCallback(TrainerCallback):
         self.publisher.sync()  # the journal is durable at every checkpoint
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        # publish() copies `logs`: callbacks after this one may change it (transformers' PrinterCallback pops
+        # A copy of `logs`: callbacks after this one may change it (transformers' PrinterCallback pops
         # total_flos)
-        (self.publisher or self._ensure_started(args)).publish("on_log", state.global_step, state.epoch, logs)
+        (self.publisher or self._ensure_started(args)).publish_step_event("on_log", state.global_step, state.epoch,
+                                                                          dict(logs) if logs else None)
 
     def on_prediction_step(self, args, state, control, **kwargs):
         self._publish("on_prediction_step", args, state)
