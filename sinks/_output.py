@@ -125,9 +125,25 @@ class AppendFile:
         return len(self._buffer)
 
     def write(self, data: bytes) -> None:
+        if not self._buffer and len(data) >= self.buffer_bytes:
+            self._write_through(data)  # a raw sink's 256 KB pieces: no copy into the buffer first
+            return
         self._buffer += data
         if len(self._buffer) >= self.buffer_bytes:
             self.flush()
+
+    def _write_through(self, data: bytes) -> None:
+        """Write `data` straight to the file; what the OS did not take (a short write, an OSError) is
+        buffered, as write() + flush() would leave it."""
+        written = 0
+        try:
+            while written < len(data):
+                written += os.write(self._fd, data[written:] if written else data)
+        except OSError as e:
+            self._buffer += data[written:]
+            raise OSError(e.errno, e.strerror, str(self.path)) from None
+        finally:
+            self.size += written
 
     def flush(self) -> int:
         """Write everything buffered; returns the file's size. On an OSError (named with this file) the

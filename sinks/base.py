@@ -49,7 +49,8 @@ class Sink:
 
     def handle_raw(self, data: bytes, rank: int, first_seq: int, last_seq: int) -> None:
         """For a sink with `raw = True`: records first_seq..last_seq of `rank`, in seq order, as `data`, their
-        encoded lines (each as `fg_bus.records.encode` writes the record, ending with a newline)."""
+        encoded lines (each as `fg_bus.records.encode` writes the record, ending with a newline). The run's
+        `end` record never comes this way: `handle` gets it, decoded, then `end_run`."""
         raise NotImplementedError(f"{type(self).__name__} sets raw = True but has no handle_raw")
 
     def end_run(self, status: str, reason: dict | None = None) -> None:

@@ -28,10 +28,10 @@ from .base import Sink, expand
 logger = logging.getLogger(__name__)
 
 DEFAULT_OUT = "{output_dir}/logs/{run}.jsonl"
-#: A checkpoint's and the end's record, found in encoded lines without a decode: a top-level field (`encode`
+#: A checkpoint's record, found in encoded lines without a decode: a top-level field (`encode`
 #: escapes a quote inside a string); without the closing quote, so the search skips on a rarer last byte. A
 #: nested or longer match only syncs once more.
-_SAVE_EVENT, _END_EVENT = b'"event":"on_sav', b'"event":"%s' % records.END.encode()
+_SAVE_EVENT = b'"event":"on_sav'
 
 
 def drop_torn_tail(path: Path) -> None:
@@ -187,10 +187,10 @@ class JsonSink(Sink):
 
     def handle_raw(self, data: bytes, rank: int, first_seq: int, last_seq: int) -> None:
         """Lines as the bus encodes them: appended as they are. Synced, as `handle` is, when they hold a
-        checkpoint or the end."""
+        checkpoint (the end record never comes raw: `handle` syncs it)."""
         self._file.write(data)
         self.written += last_seq - first_seq + 1
-        if _SAVE_EVENT in data or _END_EVENT in data:
+        if _SAVE_EVENT in data:
             self._sync()
 
     def retry_write(self) -> None:

@@ -148,3 +148,27 @@ def test_json_sink_handle_raw_syncs_at_a_checkpoint_and_counts_lines(tmp_path):
     assert sink.written == 3 and synced == [3]
     sink.close()
     assert (tmp_path / "log.jsonl").read_bytes().count(b"\n") == 3
+
+
+def test_a_large_write_goes_straight_to_the_file_and_keeps_what_a_full_disk_refused(tmp_path, monkeypatch):
+    from sinks import _output
+    out = _output.AppendFile(tmp_path / "log.jsonl", buffer_bytes=1024)
+    piece = b"x" * 3000 + b"\n"
+    out.write(piece)  # past the buffer: written at once, nothing buffered
+    assert out.pending == 0 and out.size == len(piece) == (tmp_path / "log.jsonl").stat().st_size
+    real_write, calls = os.write, []
+
+    def short_then_full(fd, data):  # the disk takes 100 bytes, then is full
+        calls.append(len(data))
+        if len(calls) == 1:
+            return real_write(fd, bytes(data[:100]))
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(_output.os, "write", short_then_full)
+    with pytest.raises(OSError, match="log.jsonl"):
+        out.write(piece)
+    assert out.size == len(piece) + 100 and out.pending == len(piece) - 100 and out.tell() == 2 * len(piece)
+    monkeypatch.setattr(_output.os, "write", real_write)  # room again: the rest goes out, once
+    out.flush()
+    out.close()
+    assert (tmp_path / "log.jsonl").read_bytes() == piece * 2
