@@ -25,8 +25,8 @@ examples:
   fg-bus ctl RUN stop               stop at the next step boundary (with a final checkpoint)
   fg-bus ctl RUN save|evaluate|save-and-stop
   fg-bus ctl RUN abort              stop at the next step boundary WITHOUT saving anything
-  fg-bus gc                         list what dead runs left behind (socket dirs, registry entries);
-                                    --yes removes it
+  fg-bus gc                         list what dead runs left behind (socket dirs, registry entries,
+                                    seals a crash cut short); --yes removes it
   fg-bus top                        live dashboard of every run (fg-bus top RUN: one run in detail)
   fg-bus keys                       make CURVE keys for tcp buses ($FG_HOME/keys)
 RUN is `latest`, a run id (or a unique prefix), or a run / output directory (one whose run.json is gone
@@ -345,11 +345,11 @@ def cmd_gc(opts) -> int:
     if not opts.yes:
         return _print_all("".join(f"would remove {line}\n" for line in lines)
                           + f"fg-bus: {len(lines)} to remove; run `fg-bus gc --yes` to remove them\n")
-    dirs, entries, errors = gc.remove(garbage)
+    dirs, entries, seals, errors = gc.remove(garbage)
     _print_all("".join(f"removed {line}\n" for line in lines) if not errors else "")
     for error in errors:
         print(f"fg-bus: error: {error}", file=sys.stderr)
-    print(f"fg-bus: removed {gc.summary(dirs, entries)}", file=sys.stderr)
+    print(f"fg-bus: removed {gc.summary(dirs, entries, seals)}", file=sys.stderr)
     return 1 if errors else 0
 
 

@@ -1,6 +1,6 @@
 """`fg-bus gc`: what dead runs leave behind, found and (with `--yes`) removed.
 
-Two kinds of leftovers, both this user's only:
+Three kinds of leftovers, all this user's only:
 - socket directories (`$XDG_RUNTIME_DIR/fg/<id>/`, `/tmp/fg-<uid>/<id>/`) of trainers that died without
   closing their bus (SIGKILL, OOM killer, a crash of the interpreter). A directory is stale when no socket
   in it takes a connection (nothing listens: every connect is refused), no live or paused run names it in
@@ -8,8 +8,13 @@ Two kinds of leftovers, both this user's only:
   counts only once it is a minute old (a trainer starting right now makes it before it binds).
 - registry entries (`$FG_HOME/runs/<run_id>.json`) whose run directory is gone (deleted with its output
   dir). A run whose directory is still there is history, whatever its status, and stays listed.
+- seals of a journal segment cut short by a crash, in runs that are over (ended or dead, never live or
+  paused): a partial `.zst.tmp`, and the plain copy of a sealed segment whose compressed copy was
+  completed (renamed into place, so whole, and its index reads) before the crash could remove the plain
+  one. Readers already take either; this is disk only: up to two segments (16 MiB) per crash and rank.
 
-A run's own output (checkpoints, journals, run.json) is never touched.
+A run's records are never touched: checkpoints, run.json, and every journal segment but such a second
+copy of one stay.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import registry
+from . import _segments, registry
 
 #: The files a bus puts in its socket directory: a directory holding anything else is left alone.
 SOCKET_NAMES = frozenset({"pub", "replay", "inbox"})
@@ -34,17 +39,20 @@ EMPTY_GRACE_S = 60.0
 
 @dataclass
 class Garbage:
-    """What `find` found: stale socket directories and registry entries (paths), each with why."""
+    """What `find` found: stale socket directories, registry entries and unfinished seals (paths), each
+    with why."""
 
     socket_dirs: list[tuple[Path, str]] = field(default_factory=list)
     entries: list[tuple[Path, str]] = field(default_factory=list)
+    seals: list[tuple[Path, str]] = field(default_factory=list)
 
     def __bool__(self) -> bool:
-        return bool(self.socket_dirs or self.entries)
+        return bool(self.socket_dirs or self.entries or self.seals)
 
     def describe(self) -> list[str]:
         return ([f"socket dir {path}  ({why})" for path, why in self.socket_dirs]
-                + [f"registry entry {path}  ({why})" for path, why in self.entries])
+                + [f"registry entry {path}  ({why})" for path, why in self.entries]
+                + [f"journal file {path}  ({why})" for path, why in self.seals])
 
 
 def socket_bases() -> list[Path]:
@@ -130,22 +138,63 @@ def _stale_socket_dir(path: Path, live: set[str], now: float) -> str | None:
 
 def _stale_entry(entry: Path) -> str | None:
     """Why registry entry `entry` points at nothing, or None (a broken entry is left for `ls` to report)."""
-    try:
-        pointer = json.loads(entry.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if type(pointer) is not dict or type(pointer.get("bus_dir")) is not str:
-        return None
-    bus_dir = Path(pointer["bus_dir"])
-    if bus_dir.exists():
+    bus_dir = _bus_dir_of(entry)
+    if bus_dir is None or bus_dir.exists():
         return None
     if not bus_dir.parent.parent.exists():
         return f"its output dir {bus_dir.parent.parent} is gone"
     return f"its run dir {bus_dir} is gone"
 
 
+def _run_is_over(bus_dir: Path) -> bool:
+    """True when the run in `bus_dir` ended or died: nothing writes its journals any more."""
+    try:
+        status = registry.load_run(bus_dir).status
+    except (OSError, ValueError):
+        return False
+    return status not in (registry.LIVE, registry.STALLED, registry.PAUSED, registry.UNKNOWN)
+
+
+def _unfinished_seals(bus_dir: Path) -> list[tuple[Path, str]]:
+    """The files a seal cut short left in `bus_dir`'s journals (see the module's docstring)."""
+    found = []
+    for live in sorted(bus_dir.glob("journal.rank*.jsonl")):
+        found += [(tmp, "a compressed segment cut short by a crash")
+                  for tmp in sorted(bus_dir.glob(f"{live.name[:-len('.jsonl')]}.*.jsonl.zst.tmp"))]
+        for segment in _segments.sealed_segments(live):
+            if segment.plain is not None and segment.zst is not None and _whole(segment.zst):
+                found.append((segment.plain, f"its compressed copy {segment.zst.name} is whole"))
+    return found
+
+
+def _whole(zst: Path) -> bool:
+    try:
+        fd = os.open(zst, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        _segments.read_index(fd)
+        return True
+    except OSError:  # CorruptSegment included
+        return False
+    finally:
+        os.close(fd)
+
+
+def _bus_dir_of(entry: Path) -> Path | None:
+    """The run directory registry entry `entry` points at; None for an entry of the wrong shape."""
+    try:
+        pointer = json.loads(entry.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if type(pointer) is not dict or type(pointer.get("bus_dir")) is not str:
+        return None
+    return Path(pointer["bus_dir"])
+
+
 def find(run_ids: set[str] | None = None) -> Garbage:
-    """Every stale socket directory and registry entry of this user (entries only of `run_ids`, if given)."""
+    """Every stale socket directory, registry entry and unfinished seal of this user's runs (of `run_ids`
+    only, if given)."""
     found = Garbage()
     now = time.time()
     live = _live_socket_dirs()
@@ -164,13 +213,17 @@ def find(run_ids: set[str] | None = None) -> Garbage:
         why = _stale_entry(entry)
         if why is not None:
             found.entries.append((entry, why))
+            continue
+        bus_dir = _bus_dir_of(entry)
+        if bus_dir is not None and bus_dir.is_dir() and _run_is_over(bus_dir):
+            found.seals += _unfinished_seals(bus_dir)
     return found
 
 
-def remove(garbage: Garbage) -> tuple[int, int, list[str]]:
+def remove(garbage: Garbage) -> tuple[int, int, int, list[str]]:
     """Remove what `find` found, checking each again just before (a run may have started since). Returns
-    (socket dirs removed, registry entries removed, an error line for each that could not be)."""
-    dirs = entries = 0
+    (socket dirs, registry entries and journal files removed, an error line for each that could not be)."""
+    dirs = entries = seals = 0
     errors: list[str] = []
     live = _live_socket_dirs()
     now = time.time()
@@ -197,12 +250,23 @@ def remove(garbage: Garbage) -> tuple[int, int, list[str]]:
             continue
         except OSError as e:
             errors.append(f"could not remove {entry}: {e.strerror or e}")
-    return dirs, entries, errors
+    for path, _ in garbage.seals:
+        if not _run_is_over(path.parent) or path not in dict(_unfinished_seals(path.parent)):
+            continue
+        try:
+            path.unlink()
+            seals += 1
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            errors.append(f"could not remove {path}: {e.strerror or e}")
+    return dirs, entries, seals, errors
 
 
-def summary(dirs: int, entries: int) -> str:
-    return (f"{dirs} socket director{'y' if dirs == 1 else 'ies'} and {entries} registry "
+def summary(dirs: int, entries: int, seals: int = 0) -> str:
+    text = (f"{dirs} socket director{'y' if dirs == 1 else 'ies'} and {entries} registry "
             f"entr{'y' if entries == 1 else 'ies'} of dead runs")
+    return text + (f", and {seals} journal file{'' if seals == 1 else 's'} of seals cut short" if seals else "")
 
 
 def collect_quietly() -> str | None:
@@ -214,11 +278,11 @@ def collect_quietly() -> str | None:
         garbage = find()
         if not garbage:
             return None
-        dirs, entries, _ = remove(garbage)
+        dirs, entries, seals, _ = remove(garbage)
     except (OSError, ValueError):  # UnsafeDirectory is an OSError
         return None
     finally:
         registry.logger.disabled = quiet
-    if not dirs and not entries:
+    if not dirs and not entries and not seals:
         return None
-    return f"removed {summary(dirs, entries)} (`fg-bus gc` lists such leftovers)"
+    return f"removed {summary(dirs, entries, seals)} (`fg-bus gc` lists such leftovers)"

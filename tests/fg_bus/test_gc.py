@@ -1,6 +1,7 @@
 """`fg-bus gc` with real leftovers: a real Publisher killed with SIGKILL leaves its socket directory behind;
 a run's output dir deleted leaves its registry entry. Live and paused runs, and a dead run whose directory
-is still there, are never touched. (fg-train removing them at its start: tests/e2e/test_abort.py.)"""
+is still there, are never touched; nor are a live run's journal files. (fg-train removing them at its
+start: tests/e2e/test_abort.py.)"""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -109,3 +111,57 @@ def test_gc_lists_then_removes_only_what_dead_runs_left(env, tmp_path):
         for p in (dead, paused, live):
             p.kill()
 
+
+
+def _leave_a_cut_seal(bus_dir: Path) -> list[Path]:
+    """What a crash mid-seal leaves, made from the run's own sealed segments: the plain copy of the first
+    compressed one back beside it (a crash after the rename, before the unlink), and half of the second
+    one as `.zst.tmp` (a crash while compressing). Returns the two files."""
+    import zstandard
+
+    zsts = sorted(bus_dir.glob("journal.rank0.*.jsonl.zst"))
+    assert len(zsts) >= 2, sorted(p.name for p in bus_dir.iterdir())
+    plain = zsts[0].with_name(zsts[0].name[:-len(".zst")])
+    with zsts[0].open("rb") as f:  # as `zstd -dc` does: the index frame is skipped
+        plain.write_bytes(zstandard.ZstdDecompressor().stream_reader(f, read_across_frames=True).read())
+    tmp = zsts[1].with_name(zsts[1].name + ".tmp")
+    tmp.write_bytes(zsts[1].read_bytes()[: zsts[1].stat().st_size // 2])
+    return [plain, tmp]
+
+
+def test_gc_removes_the_files_a_seal_cut_short_left_in_ended_runs_only(env, tmp_path, monkeypatch):
+    from fg_bus import Publisher, read_journal
+
+    monkeypatch.setenv("FG_JOURNAL_SEGMENT_BYTES", "4096")  # sealed and compressed every 4 KB
+    runs = {}
+    for name in ("ended", "live"):
+        pub = Publisher(tmp_path / name / "fg-bus" / "r", registry.new_run_id(name), system_interval=0).start()
+        for i in range(400):
+            pub.publish("on_log", i, metrics={"loss": 1.0 / (i + 1)})
+        runs[name] = pub
+    runs["ended"].close()
+    live = runs["live"]
+    live.sync()
+    try:
+        deadline = time.monotonic() + 120  # the live run's seal thread compresses off the bus thread
+        while len(list(live.bus_dir.glob("journal.rank0.*.jsonl.zst"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        journals = {name: pub.bus_dir / "journal.rank0.jsonl" for name, pub in runs.items()}
+        before = {name: list(read_journal(path)) for name, path in journals.items()}
+        leftovers = {name: _leave_a_cut_seal(pub.bus_dir) for name, pub in runs.items()}
+
+        listed = fg_bus(env, "gc")
+        assert listed.returncode == 0, listed.stderr
+        for path in leftovers["ended"]:
+            assert f"would remove journal file {path}" in listed.stdout, listed.stdout
+        assert str(live.bus_dir) not in listed.stdout  # a live run's files are its writer's
+        assert all(p.exists() for p in leftovers["ended"])  # a dry run
+
+        removed = fg_bus(env, "gc", "--yes")
+        assert removed.returncode == 0, removed.stderr
+        assert "2 journal files of seals cut short" in removed.stderr, removed.stderr
+        assert not any(p.exists() for p in leftovers["ended"]) and all(p.exists() for p in leftovers["live"])
+        assert list(read_journal(journals["ended"])) == before["ended"]  # every record still there, once
+        assert [r["seq"] for r in before["ended"]] == list(range(len(before["ended"])))
+    finally:
+        live.close()
