@@ -223,7 +223,7 @@ def find(run_ids: set[str] | None = None) -> Garbage:
 def remove(garbage: Garbage) -> tuple[int, int, int, list[str]]:
     """Remove what `find` found, checking each again just before (a run may have started since). Returns
     (socket dirs, registry entries and journal files removed, an error line for each that could not be)."""
-    dirs = entries = seals = 0
+    dirs = 0
     errors: list[str] = []
     live = _live_socket_dirs()
     now = time.time()
@@ -240,27 +240,26 @@ def remove(garbage: Garbage) -> tuple[int, int, int, list[str]]:
             continue
         except OSError as e:
             errors.append(f"could not remove {path}: {e.strerror or e}")
-    for entry, _ in garbage.entries:
-        if _stale_entry(entry) is None:
-            continue
-        try:
-            entry.unlink()
-            entries += 1
-        except FileNotFoundError:
-            continue
-        except OSError as e:
-            errors.append(f"could not remove {entry}: {e.strerror or e}")
-    for path, _ in garbage.seals:
-        if not _run_is_over(path.parent) or path not in dict(_unfinished_seals(path.parent)):
+    entries = _unlink_each(garbage.entries, lambda entry: _stale_entry(entry) is not None, errors)
+    seals = _unlink_each(garbage.seals, lambda path: _run_is_over(path.parent)
+                         and path in dict(_unfinished_seals(path.parent)), errors)
+    return dirs, entries, seals, errors
+
+
+def _unlink_each(found: list[tuple[Path, str]], still_garbage, errors: list[str]) -> int:
+    """Remove each file of `found` that `still_garbage(path)` says still is; the number removed."""
+    removed = 0
+    for path, _ in found:
+        if not still_garbage(path):
             continue
         try:
             path.unlink()
-            seals += 1
+            removed += 1
         except FileNotFoundError:
             continue
         except OSError as e:
             errors.append(f"could not remove {path}: {e.strerror or e}")
-    return dirs, entries, seals, errors
+    return removed
 
 
 def summary(dirs: int, entries: int, seals: int = 0) -> str:
