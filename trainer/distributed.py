@@ -60,10 +60,11 @@ def is_distributed() -> bool:
 def setup(args, timeout_s: float = 600.0) -> bool:
     """Join torchrun's process group if the environment describes more than one process. True if
     distributed. Raises a clear error if the environment is half set up."""
-    global _host_group, _forced_every, _every, _issued
+    global _host_group, _forced_every
     if int(os.environ.get("WORLD_SIZE", 1)) <= 1:
         return False
-    _forced_every, _every, _issued = vote_every_from_env(), 1, None  # each Trainer agrees on K anew
+    _reset_votes()  # each Trainer agrees on K anew
+    _forced_every = vote_every_from_env()
     if not dist.is_available():
         raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
     missing = [k for k in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
@@ -137,9 +138,7 @@ def agree_on_control(control) -> None:
         return
     if _pending is not None:
         _apply_votes(control)
-    for bit, name in enumerate(_CONTROL_FLAGS):
-        if _held >> bit & 1:
-            setattr(control, name, True)
+    _raise_flags(control, _held)
     _held = 0
     flags = torch.tensor([int(bool(getattr(control, name, False))) for name in _CONTROL_FLAGS], dtype=torch.int32)
     dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=_host_group)
@@ -177,12 +176,23 @@ def _apply_votes(control) -> None:
     _pending[0].wait()
     _pending = None
     reduced = int(_vote_view[0])
-    for bit, name in enumerate(_CONTROL_FLAGS):
-        if reduced >> bit & 1:
-            setattr(control, name, True)
+    _raise_flags(control, reduced)
     asked = reduced >> _EVERY_SHIFT
     if asked:
         _every = asked & -asked  # the smallest K any rank asked for
+
+
+def _raise_flags(control, bits: int) -> None:
+    """Set the flags of `bits` (a bit per flag of _CONTROL_FLAGS, in order); others are left as they are."""
+    for bit, name in enumerate(_CONTROL_FLAGS):
+        if bits >> bit & 1:
+            setattr(control, name, True)
+
+
+def _reset_votes() -> None:
+    """No votes held or in flight, K not agreed yet, FG_CONTROL_VOTE_EVERY to be read again."""
+    global _pending, _held, _every, _issued, _forced_every
+    _pending, _held, _every, _issued, _forced_every = None, 0, 1, None, None
 
 
 def _make_vote_box() -> None:
@@ -233,9 +243,8 @@ def barrier() -> None:
 
 def teardown() -> None:
     """Leave the process group (at the end of training)."""
-    global _host_group, _pending, _held, _every, _issued, _forced_every
-    # votes of a train() that ended by an exception: nobody acts on them
-    _pending, _held, _every, _issued, _forced_every = None, 0, 1, None, None
+    global _host_group
+    _reset_votes()  # votes of a train() that ended by an exception: nobody acts on them
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
     _host_group = None

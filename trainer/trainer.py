@@ -401,7 +401,7 @@ class Trainer(DataMixin, EvaluationMixin, CheckpointMixin, OptimizerMixin):
                     self.state.epoch = epoch + (step + 1) / batches_per_epoch
                     self.control = self.callback_handler.on_step_end(args, self.state, self.control)
                     # Under torchrun: the step schedule's flags act now; a flag one rank raised (a stop, a
-                    # save) acts on every rank at the next step, its all-reduce running while that step trains
+                    # save) acts on every rank K to 2K-1 steps later, its all-reduce running while they train
                     distributed.agree_on_step(self.control, args, self.state)
                     self._maybe_log_save_evaluate(grad_norm, start_time, learning_rate)
                 if self.control.should_epoch_stop or self.control.should_training_stop:
