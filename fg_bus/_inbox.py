@@ -79,7 +79,7 @@ def _control(pub: "Publisher", message: dict) -> None:
         pub._publish_from_bus(records.CONTROL, {"cmd": str(cmd)[:40], "id": request_id, "accepted": False,
                                                 "reason": reason, "global_step": pub.last_step})
         return
-    pub._control.append({"cmd": cmd, "id": request_id, "source": str(message.get("source", ""))[:80],
+    pub.control_queue.append({"cmd": cmd, "id": request_id, "source": str(message.get("source", ""))[:80],
                          "origin": _origin(message.get("origin"))})
     pub._publish_from_bus(records.CONTROL, {"cmd": cmd, "id": request_id, "accepted": True,
                                             "global_step": pub.last_step})

@@ -101,7 +101,9 @@ class Publisher:
         self.progress = Progress()
         self.stall = StallDetector(stall_after, check_every=heartbeat_interval)
         self._queue: collections.deque = collections.deque()
-        self._control: collections.deque = collections.deque()
+        #: control commands (dicts) waiting for the training thread, oldest first: the inbox appends, and
+        #: `control_requests()` takes them; truthy while any waits (what a step boundary checks)
+        self.control_queue: collections.deque = collections.deque()
         self._lock = threading.Lock()  # close() against close() and the bus thread's death; publish() takes none
         self._seq = 0  # the next record's seq: the bus thread's alone, given as it drains the queue
         self._ended = False  # the bus thread has drained the end record: anything queued later is dropped
@@ -245,18 +247,18 @@ class Publisher:
 
     @property
     def has_control_requests(self) -> bool:
-        return bool(self._control)
+        return bool(self.control_queue)
 
     def control_requests(self) -> list[dict]:
         """Control commands received since the last call (training thread, at a step boundary)."""
         out = []
-        while self._control:
-            out.append(self._control.popleft())
+        while self.control_queue:
+            out.append(self.control_queue.popleft())
         return out
 
     def request_control(self, cmd: str, source: str) -> None:
         """Queue a control command from inside the process (a signal handler)."""
-        self._control.append({"cmd": cmd, "id": f"local-{len(self._control)}", "source": source})
+        self.control_queue.append({"cmd": cmd, "id": f"local-{len(self.control_queue)}", "source": source})
 
     def sync(self) -> None:
         """Ask the bus thread to fsync the journal (at checkpoints); returns at once."""

@@ -6,8 +6,9 @@ followed with `attach_bus(trainer)`: the same placement, plus hooks for the per-
 transformers does not hand to callbacks. There the stream stays open after `on_train_end`, for `evaluate()`
 and `predict()` calls after `train()`, and ends at `bus.close()` or at process exit.
 
-Hot path (bench/hotpath.py): per event, one `Publisher.publish` of what the event gave (name, step, epoch, the
-metrics dict, copied), which appends a tuple to the bus's queue: the bus thread gives it its seq, formats the
+Hot path (bench/hotpath.py): per event, one `Publisher.publish` (`publish_step_event` for the per-step
+events) of what the event gave (name, step, epoch, the metrics dict, copied), which appends a tuple to the
+bus's queue: the bus thread gives it its seq, formats the
 timestamp and encodes it. Nothing here reads a value that does not change between events, builds a record,
 or takes a lock; the per-step events call the publisher directly, without a helper in between (right
 after a step's compute, on a cold cache: about 2 us each on these loaded 2-core VMs, on_step_end about 5,
@@ -470,7 +471,7 @@ class BusCallback(TrainerCallback):
                 "data_time": round(trainer.step_data_time * 1e6) / 1e6})
         else:
             self._publish_step_values(state)
-        if publisher._control:  # has_control_requests, without the property's call
+        if publisher.control_queue:  # has_control_requests, without the property's call
             self._apply_control(args, state, control)
 
     def _publish_step_values(self, state) -> None:
