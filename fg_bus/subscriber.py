@@ -385,10 +385,7 @@ class Subscriber:
             n = records.raw_run_length(body, self._head, first)
             if n:
                 self.stats.replayed += n
-                self._expected = first + n
-                out.append(RawLines(first, first + n - 1, body))
-                if self._buffer:
-                    self._flush_buffer(out)
+                self._pass_raw(first, n, body, out)
                 return
         stats = JournalStats()
         chunk = decode_chunk(body, stats)
@@ -410,11 +407,15 @@ class Subscriber:
         if records.raw_run_length(line, self._head, first) != 1 or b'","event":"%s"' % topic not in data:
             return False
         self.stats.live += 1
-        self._expected = first + 1
-        out.append(RawLines(first, first, line))
+        self._pass_raw(first, 1, line, out)
+        return True
+
+    def _pass_raw(self, first: int, n: int, data: bytes, out: list) -> None:
+        """Hand out `data`, the n lines of seqs first.., as they are; then whatever was buffered behind them."""
+        self._expected = first + n
+        out.append(RawLines(first, first + n - 1, data))
         if self._buffer:
             self._flush_buffer(out)
-        return True
 
     def _take_live(self, out: list[dict]) -> None:
         for _ in range(10_000):
