@@ -103,8 +103,13 @@ def journal_files(live: str | os.PathLike) -> list[Path]:
     and its live segment, the ones that exist. What the journal occupies on disk, and what deleting it means."""
     live = Path(live)
     files = [p for s in sealed_segments(live) for p in (s.plain, s.zst) if p is not None]
-    files += [p for p in live.parent.glob(f"{_prefix(live)}*.jsonl.zst.tmp")]
-    return files + ([live] if live.exists() else [])
+    return files + partial_seals(live) + ([live] if live.exists() else [])
+
+
+def partial_seals(live: str | os.PathLike) -> list[Path]:
+    """The `.zst.tmp` files of `live`'s journal: compressions cut short (by a crash, or in progress)."""
+    live = Path(live)
+    return sorted(live.parent.glob(f"{_prefix(live)}*.jsonl.zst.tmp"))
 
 
 @dataclass

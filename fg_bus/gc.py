@@ -146,21 +146,19 @@ def _stale_entry(entry: Path) -> str | None:
     return f"its run dir {bus_dir} is gone"
 
 
-def _run_is_over(bus_dir: Path) -> bool:
-    """True when the run in `bus_dir` ended or died: nothing writes its journals any more."""
-    try:
-        status = registry.load_run(bus_dir).status
-    except (OSError, ValueError):
-        return False
-    return status not in (registry.LIVE, registry.STALLED, registry.PAUSED, registry.UNKNOWN)
-
-
 def _unfinished_seals(bus_dir: Path) -> list[tuple[Path, str]]:
-    """The files a seal cut short left in `bus_dir`'s journals (see the module's docstring)."""
+    """The files a seal cut short left in the journals of the run in `bus_dir` (see the module's docstring),
+    if that run is over: none while it is live or paused (its writer's), or if its state is unknown."""
+    try:
+        info = registry.load_run(bus_dir)
+    except (OSError, ValueError):
+        return []
+    if info.is_live or info.status == registry.UNKNOWN:
+        return []
     found = []
-    for live in sorted(bus_dir.glob("journal.rank*.jsonl")):
-        found += [(tmp, "a compressed segment cut short by a crash")
-                  for tmp in sorted(bus_dir.glob(f"{live.name[:-len('.jsonl')]}.*.jsonl.zst.tmp"))]
+    for rank in range(info.world_size):
+        live = info.journal_path(rank)
+        found += [(tmp, "a compressed segment cut short by a crash") for tmp in _segments.partial_seals(live)]
         for segment in _segments.sealed_segments(live):
             if segment.plain is not None and segment.zst is not None and _whole(segment.zst):
                 found.append((segment.plain, f"its compressed copy {segment.zst.name} is whole"))
@@ -215,7 +213,7 @@ def find(run_ids: set[str] | None = None) -> Garbage:
             found.entries.append((entry, why))
             continue
         bus_dir = _bus_dir_of(entry)
-        if bus_dir is not None and bus_dir.is_dir() and _run_is_over(bus_dir):
+        if bus_dir is not None and bus_dir.is_dir():
             found.seals += _unfinished_seals(bus_dir)
     return found
 
@@ -241,8 +239,7 @@ def remove(garbage: Garbage) -> tuple[int, int, int, list[str]]:
         except OSError as e:
             errors.append(f"could not remove {path}: {e.strerror or e}")
     entries = _unlink_each(garbage.entries, lambda entry: _stale_entry(entry) is not None, errors)
-    seals = _unlink_each(garbage.seals, lambda path: _run_is_over(path.parent)
-                         and path in dict(_unfinished_seals(path.parent)), errors)
+    seals = _unlink_each(garbage.seals, lambda path: path in dict(_unfinished_seals(path.parent)), errors)
     return dirs, entries, seals, errors
 
 
