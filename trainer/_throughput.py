@@ -258,7 +258,7 @@ class ThroughputMeter:
         if not distributed.is_distributed():
             return local
         box = torch.tensor([local[0], local[1], local[2], float(local[3])], dtype=torch.float64)
-        torch.distributed.all_reduce(box, group=distributed._host_group)  # host values, on the gloo group
+        distributed.all_reduce(box, host=True)  # host values, on the gloo group
         samples, tokens, flops, saw = box.tolist()
         return int(samples), int(tokens), flops, saw > 0
 

@@ -13,11 +13,17 @@ sync to a GPU step. With one process (no WORLD_SIZE, or 1) every function here i
     agree_on_control(control)   at an epoch's end and after an evaluation: the OR of every rank's flags,
                                 at once (a synchronous all-reduce), the pending votes included
     mean_over_ranks(tensor)     in place, on the training device (logging steps only)
+    all_reduce(tensor, op, host=...)   every other all-reduce of the trainer's (token counts, flos, throughput)
     broadcast(obj)              rank 0's value on every rank (the run id)
+
+Every tensor this module all-reduces is remembered until the process exits, where `settle` (an atexit
+handler) waits for gloo's worker threads to let go of them: see `settle`.
 """
 
 from __future__ import annotations
 
+import atexit
+import collections
 import datetime
 import logging
 import os
@@ -44,6 +50,8 @@ _forced_every = None  # FG_CONTROL_VOTE_EVERY (0: auto), read at setup or at the
 _AUTO_INTERVAL_S = 0.1  # auto: agree about this often
 _MAX_EVERY = 64
 _EVERY_SHIFT = 8
+_recent: collections.deque = collections.deque(maxlen=16)  # the tensors of the latest all-reduces (`settle`)
+_SETTLE_TIMEOUT_S = 5.0
 _BOR = dist.AllreduceOptions() if dist.is_available() else None
 if _BOR is not None:
     _BOR.reduceOp = dist.ReduceOp.BOR
@@ -78,6 +86,8 @@ def setup(args, timeout_s: float = 600.0) -> bool:
             torch.cuda.set_device(device)
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
         logger.info("rank %d of %d joined the %s process group", dist.get_rank(), dist.get_world_size(), backend)
+    atexit.unregister(settle)
+    atexit.register(settle)  # once, whoever made the process group
     _host_group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
     return True
 
@@ -141,7 +151,7 @@ def agree_on_control(control) -> None:
     _raise_flags(control, _held)
     _held = 0
     flags = torch.tensor([int(bool(getattr(control, name, False))) for name in _CONTROL_FLAGS], dtype=torch.int32)
-    dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=_host_group)
+    all_reduce(flags, dist.ReduceOp.MAX, host=True)
     for name, value in zip(_CONTROL_FLAGS, flags.tolist()):
         setattr(control, name, bool(value))
 
@@ -167,6 +177,7 @@ def _issue_votes(step: int) -> None:
     _held = 0
     # The process group's own call: dist.all_reduce's wrapper (checks, logging) would double the issue's cost.
     work = (_host_group or dist.group.WORLD).allreduce([_vote_box], _BOR)
+    _recent.append(_vote_box)
     _pending, _issued = (work, step + _every), (now, step)
 
 
@@ -222,9 +233,36 @@ def _scheduled_flags(args, state) -> set[str]:
 def mean_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
     """The mean of `tensor` over ranks, in place (a collective on the training device)."""
     if is_distributed():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        all_reduce(tensor)
         tensor /= dist.get_world_size()
     return tensor
+
+
+def all_reduce(tensor: torch.Tensor, op=None, *, host: bool = False) -> torch.Tensor:
+    """`dist.all_reduce` in place (SUM unless `op`), on the training device's group, or with `host` on the
+    gloo group for host values; the tensor is remembered for `settle`."""
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op is None else op, group=_host_group if host else None)
+    _recent.append(tensor)
+    return tensor
+
+
+def settle(timeout_s: float = _SETTLE_TIMEOUT_S) -> None:
+    """Wait, at most `timeout_s`, until the process group's worker threads hold none of the tensors of the
+    latest all-reduces. A gloo worker drops its reference to a collective's tensors a moment after the
+    collective completes, and for a tensor made in Python it takes the GIL to do so; if the interpreter is
+    finalizing by then, that thread cannot have it and the process dies of SIGABRT ("terminate called
+    without an active exception"), after a run that ended well. Seen on a loaded 2-core host, where the
+    worker is descheduled for the few milliseconds between the last all-reduce (the final flos and
+    throughput sums) and exit. Registered with atexit at `setup`: it runs before finalization, and the
+    sleep releases the GIL to a worker waiting for it."""
+    deadline = time.monotonic() + timeout_s
+    while any(t._use_count() > 1 for t in _recent):
+        if time.monotonic() >= deadline:
+            logger.warning("%d tensors of the last all-reduces are still held after %.0f s; exiting anyway",
+                           sum(t._use_count() > 1 for t in _recent), timeout_s)
+            break
+        time.sleep(0.001)
+    _recent.clear()
 
 
 def broadcast(obj):

@@ -460,7 +460,7 @@ class Trainer(DataMixin, EvaluationMixin, CheckpointMixin, OptimizerMixin):
         except (TypeError, AttributeError):  # labels that are not tensors: nothing to count
             return None
         if self.args.average_tokens_across_devices and distributed.is_distributed():
-            torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.SUM)
+            distributed.all_reduce(count)
         # transformers passes a float tensor (its count is divided by the tensor/context-parallel sizes).
         return count.to(torch.get_default_dtype())
 
@@ -636,6 +636,4 @@ class Trainer(DataMixin, EvaluationMixin, CheckpointMixin, OptimizerMixin):
 
 def _sum_over_ranks(value: float) -> float:
     """The sum of a host float over ranks, on the host group (distributed.py's gloo group)."""
-    box = torch.tensor([value], dtype=torch.float64)
-    torch.distributed.all_reduce(box, group=distributed._host_group)
-    return box.item()
+    return distributed.all_reduce(torch.tensor([value], dtype=torch.float64), host=True).item()

@@ -187,3 +187,34 @@ def test_fg_train_refuses_a_bad_fg_control_vote_every_before_starting_any_rank(m
     err = capsys.readouterr().err
     assert f"FG_CONTROL_VOTE_EVERY={value!r}" in err and "a power of two from 1 to 64" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_settle_waits_until_nothing_but_python_holds_the_tensors_it_all_reduced(monkeypatch):
+    """At exit (atexit), `settle` waits for gloo's worker threads to drop the tensors of the last all-reduces:
+    a worker that does it while the interpreter finalizes aborts the process (SIGABRT after a good run)."""
+    import collections
+    import threading
+
+    from trainer import distributed
+    monkeypatch.setattr(distributed, "_recent", collections.deque(maxlen=16))
+    held = torch.ones(1, requires_grad=True)
+    graph = [held * held]  # the autograd graph holds `held` from C++, as a gloo worker holds a collective's
+    assert held._use_count() > 1
+    distributed._recent.append(held)
+    threading.Timer(0.2, graph.clear).start()  # the "worker" lets go later, while settle waits
+    distributed.settle(timeout_s=120)
+    assert held._use_count() == 1 and not distributed._recent
+
+
+def test_settle_gives_up_after_its_timeout_with_a_warning(monkeypatch, caplog):
+    import collections
+
+    from trainer import distributed
+    monkeypatch.setattr(distributed, "_recent", collections.deque(maxlen=16))
+    held = torch.ones(1, requires_grad=True)
+    graph = held * held  # held for good
+    distributed._recent.append(held)
+    distributed.settle(timeout_s=0.05)
+    assert held._use_count() > 1 and not distributed._recent  # returned all the same
+    assert "1 tensors of the last all-reduces are still held" in caplog.text
+    del graph
