@@ -169,8 +169,11 @@ def all_valid(values: list) -> bool:
 
 def may_hold_nonfinite(data: bytes) -> bool:
     """Whether encoded bytes could hold a non-finite float (written as "NaN", "Infinity", "-Infinity").
-    The needles end on letters that are rare in records, not on the frequent `"`: the search skips ahead
-    further, and a chunk is scanned several times faster."""
+    First a search for their capitals, one byte each (memchr, about 10x faster than a substring search,
+    which was a tenth of a decoded replay's time): most records have neither. Then the needles, which end
+    on letters that are rare in records, not on the frequent `"`, so the search skips ahead further."""
+    if b"N" not in data and b"I" not in data:
+        return False
     return b'"NaN' in data or b'Infinity' in data
 
 

@@ -65,6 +65,23 @@ def test_non_finite_values_are_restored_on_the_fast_path_too():
     assert got[0]["epoch"] == math.inf and got[1] == rec(1)
 
 
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_each_non_finite_value_alone_in_a_chunk_is_seen_and_restored(value):
+    # the quick test first looks for the capitals N and I: a chunk's only one is the value's
+    chunk = b"".join(encode(rec(seq, metrics={"loss": value if seq == 5 else 1.0})) + b"\n" for seq in range(10))
+    rest = chunk.replace(b'"NaN"', b"").replace(b'"-Infinity"', b"").replace(b'"Infinity"', b"")
+    assert len(rest) < len(chunk) and b"N" not in rest and b"I" not in rest and records.may_hold_nonfinite(chunk)
+    got = decode_chunk(chunk)[5]["metrics"]["loss"]
+    assert (math.isnan(got) if math.isnan(value) else got == value) and type(got) is float
+
+
+def test_a_chunk_without_the_capitals_n_and_i_holds_no_non_finite_value():
+    chunk = b"".join(encode(rec(seq)) + b"\n" for seq in range(10))
+    assert not records.may_hold_nonfinite(chunk) and decode_chunk(chunk) == [rec(seq) for seq in range(10)]
+    # a capital alone (a run named so) is not a non-finite value: looked for in full, and not found
+    assert not records.may_hold_nonfinite(chunk.replace(b'"on_log"', b'"on_Log_In"'))
+
+
 HEAD = raw_head(RUN, 0)
 
 
