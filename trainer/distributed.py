@@ -240,9 +240,11 @@ def mean_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
 
 def all_reduce(tensor: torch.Tensor, op=None, *, host: bool = False) -> torch.Tensor:
     """`dist.all_reduce` in place (SUM unless `op`), on the training device's group, or with `host` on the
-    gloo group for host values; the tensor is remembered for `settle`."""
+    gloo group for host values; the tensor is remembered for `settle` when gloo ran it (nccl's watchdog
+    lets go of its works when `destroy_process_group` shuts it down)."""
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op is None else op, group=_host_group if host else None)
-    _recent.append(tensor)
+    if host or _host_group is None:  # _host_group is None: the training device's group is gloo itself
+        _recent.append(tensor)
     return tensor
 
 
