@@ -16,7 +16,7 @@ sync to a GPU step. With one process (no WORLD_SIZE, or 1) every function here i
     all_reduce(tensor, op, host=...)   every other all-reduce of the trainer's (token counts, flos, throughput)
     broadcast(obj)              rank 0's value on every rank (the run id)
 
-Every tensor this module all-reduces is remembered until the process exits, where `settle` (an atexit
+The tensors gloo all-reduces here are remembered until the process exits, where `settle` (an atexit
 handler) waits for gloo's worker threads to let go of them: see `settle`.
 """
 
@@ -117,9 +117,10 @@ def agree_on_step(control, args, state) -> None:
     (bench/control_agreement.py). `FG_CONTROL_VOTE_EVERY=N` (a power of two up to 64) fixes K instead; 1
     agrees at every step.
 
-    An epoch's end and an evaluation agree synchronously (`agree_on_control`): they come once an epoch or
-    an evaluation, and an evaluation's callbacks (early stopping) decide at its step, as in transformers.
-    The held votes go with them.
+    An epoch's last step, its end and an evaluation agree synchronously (`agree_on_control`; the Trainer
+    calls it in place of this at the epoch's or the run's last step, before its save): they come once an
+    epoch or an evaluation, and an evaluation's callbacks (early stopping) decide at its step, as in
+    transformers. The held votes go with them.
     """
     global _held
     if _pending is None and not is_distributed():
@@ -177,7 +178,6 @@ def _issue_votes(step: int) -> None:
     _held = 0
     # The process group's own call: dist.all_reduce's wrapper (checks, logging) would double the issue's cost.
     work = (_host_group or dist.group.WORLD).allreduce([_vote_box], _BOR)
-    _recent.append(_vote_box)
     _pending, _issued = (work, step + _every), (now, step)
 
 
@@ -257,11 +257,12 @@ def settle(timeout_s: float = _SETTLE_TIMEOUT_S) -> None:
     worker is descheduled for the few milliseconds between the last all-reduce (the final flos and
     throughput sums) and exit. Registered with atexit at `setup`: it runs before finalization, and the
     sleep releases the GIL to a worker waiting for it."""
+    tensors = [*_recent] if _vote_box is None else [*_recent, _vote_box]  # the votes' box: every K steps
     deadline = time.monotonic() + timeout_s
-    while any(t._use_count() > 1 for t in _recent):
+    while any(t._use_count() > 1 for t in tensors):
         if time.monotonic() >= deadline:
             logger.warning("%d tensors of the last all-reduces are still held after %.0f s; exiting anyway",
-                           sum(t._use_count() > 1 for t in _recent), timeout_s)
+                           sum(t._use_count() > 1 for t in tensors), timeout_s)
             break
         time.sleep(0.001)
     _recent.clear()
