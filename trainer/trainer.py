@@ -401,8 +401,14 @@ class Trainer(DataMixin, EvaluationMixin, CheckpointMixin, OptimizerMixin):
                     self.state.epoch = epoch + (step + 1) / batches_per_epoch
                     self.control = self.callback_handler.on_step_end(args, self.state, self.control)
                     # Under torchrun: the step schedule's flags act now; a flag one rank raised (a stop, a
-                    # save) acts on every rank K to 2K-1 steps later, its all-reduce running while they train
-                    distributed.agree_on_step(self.control, args, self.state)
+                    # save) acts on every rank K to 2K-1 steps later, its all-reduce running while they train.
+                    # At the epoch's (or the run's) last step, known alike on every rank, they are agreed at
+                    # once: a vote due at the epoch's end acts before this step's save and evaluation
+                    # (an abort then saves nothing), not after them.
+                    if update_step == updates_per_epoch - 1 or self.state.global_step >= self.state.max_steps:
+                        distributed.agree_on_control(self.control)
+                    else:
+                        distributed.agree_on_step(self.control, args, self.state)
                     self._maybe_log_save_evaluate(grad_norm, start_time, learning_rate)
                 if self.control.should_epoch_stop or self.control.should_training_stop:
                     break
@@ -551,10 +557,13 @@ class Trainer(DataMixin, EvaluationMixin, CheckpointMixin, OptimizerMixin):
             return _get_total_norm(grads)
         return torch.nn.utils.clip_grad_norm_(self.model.parameters(), float("inf"))
 
-    def _maybe_log_save_evaluate(self, grad_norm, start_time: float, learning_rate: float | None) -> None:
+    def _abort_if_agreed(self) -> None:
         if getattr(self.control, "should_abort", False):  # agreed over ranks: every rank stops here, unsaved
             self.control.should_save = self.control.should_evaluate = False
             self.control.should_training_stop = True
+
+    def _maybe_log_save_evaluate(self, grad_norm, start_time: float, learning_rate: float | None) -> None:
+        self._abort_if_agreed()
         if self.control.should_log and self.state.global_step > self._globalstep_last_logged:
             values = self._tr_loss if grad_norm is None else torch.stack([self._tr_loss, grad_norm.float()])
             # The mean over ranks (logging steps only; the grad norm is the same on every rank after DDP).
@@ -582,6 +591,7 @@ class Trainer(DataMixin, EvaluationMixin, CheckpointMixin, OptimizerMixin):
             if self.args.save_strategy == SaveStrategy.BEST:
                 self.control.should_save = is_new_best
             distributed.agree_on_control(self.control)  # on_evaluate callbacks (early stopping) may have voted
+            self._abort_if_agreed()  # a vote in flight until now may be an abort: then the save below is not made
             self._throughput.exclude(time.perf_counter() - began)  # not training time
 
         if self.control.should_save:

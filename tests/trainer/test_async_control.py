@@ -71,6 +71,8 @@ def _scenarios(rank: int, out: Path, fg_home: str) -> dict:
         "save_on_rank_0": dict(on_rank=0, step=2, vote="should_save"),
         "ctl_on_rank_0": dict(on_rank=0, step=5, vote="ctl-save-and-stop", at="on_step_begin"),
         "early_stop_on_rank_1": dict(on_rank=1, step=4, vote="should_training_stop", at="on_evaluate"),
+        # an abort voted at a step that evaluates and saves: agreed after the evaluation, before the save
+        "abort_at_an_eval_step": dict(on_rank=1, step=4, vote="should_abort"),
         # the votes agreed every K steps (FG_CONTROL_VOTE_EVERY; auto: about 100 ms of steps), no evaluation
         "stop_every_4": dict(on_rank=1, step=3, vote="should_training_stop", every="4"),
         "save_every_4": dict(on_rank=0, step=7, vote="should_save", every="4"),
@@ -152,6 +154,11 @@ def test_a_ctl_save_and_stop_on_one_rank_saves_and_stops_both_one_step_later(rep
 def test_an_early_stop_voted_in_on_evaluate_on_one_rank_stops_both_at_the_evaluation(reports):
     did = both(reports, "early_stop_on_rank_1")
     assert did["step"] == 4 and did["evaluations"] == [4] and did["saves"] == [4]
+
+
+def test_an_abort_agreed_after_an_evaluation_stops_both_ranks_there_saving_nothing(reports):
+    did = both(reports, "abort_at_an_eval_step")
+    assert did["step"] == 4 and did["evaluations"] == [4] and did["saves"] == []
 
 
 def test_votes_agreed_every_4_steps_act_4_to_7_steps_after_they_were_raised(reports):
