@@ -399,9 +399,9 @@ def _parse_floor(journal: Path) -> float:
     return time.perf_counter() - t0
 
 
-def bus_rss(steps: int) -> dict:
+def bus_rss(steps: int, runs: int) -> dict:
     """Resident memory of fg-train at the end of a run with the bus on, minus off (each its own process,
-    VmRSS read after training; the smaller of two runs each)."""
+    VmRSS read after training; the smallest of `runs` runs each)."""
 
     def rss(*extra: str) -> float:
         code = ("import sys; from trainer.cli import main; main(sys.argv[1:]); "
@@ -416,8 +416,8 @@ def bus_rss(steps: int) -> dict:
             raise RuntimeError(f"fg-train failed in the RSS measurement: {proc.stderr[-2000:]}")
         return int(line.split()[1]) / 1024  # kB -> MB
 
-    off = [rss("--no-bus") for _ in range(2)]
-    on = [rss() for _ in range(2)]
+    off = [rss("--no-bus") for _ in range(runs)]
+    on = [rss() for _ in range(runs)]
     return {"rss_mb_bus_off": min(off), "rss_mb_bus_on": min(on), "bus_rss_mb": min(on) - min(off)}
 
 
@@ -447,11 +447,11 @@ def _missing_switches(figures: dict) -> str:
 
 #: what each part measures over, per mode (journal_steps: past one 8 MiB segment, so one is sealed)
 SIZES = {"full": {"events": 100_000, "steps": 300, "rounds": 3, "tb_records": 20_000, "replay": 1_000_000,
-                  "rss_steps": 100, "journal_steps": 100_000, "control_calls": 300},
+                  "rss_steps": 100, "rss_runs": 2, "journal_steps": 100_000, "control_calls": 300},
          "quick": {"events": 20_000, "steps": 60, "rounds": 2, "tb_records": 5_000, "replay": 100_000,
-                   "rss_steps": 20, "journal_steps": 20_000, "control_calls": 100},
+                   "rss_steps": 20, "rss_runs": 2, "journal_steps": 20_000, "control_calls": 100},
          "smoke": {"events": 2_000, "steps": 10, "rounds": 1, "tb_records": 500, "replay": 10_000,
-                   "rss_steps": 3, "journal_steps": 7_000, "control_calls": 50}}
+                   "rss_steps": 3, "rss_runs": 1, "journal_steps": 7_000, "control_calls": 50}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -495,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
     figures["tb_sink_records_per_s"] = len(records) / statistics.median(sink_s)
     figures["summarywriter_records_per_s"] = len(records) / statistics.median(writer_s)
     figures.update(replay_rate(sizes["replay"], sizes["rounds"]))
-    figures.update(bus_rss(sizes["rss_steps"]))
+    figures.update(bus_rss(sizes["rss_steps"], sizes["rss_runs"]))
     figures.update(journal_figures(corpus, opts.device, sizes["journal_steps"], sizes["replay"], sizes["rounds"]))
     figures.update(control_figures(sizes["control_calls"]))
     figures["seconds"] = time.perf_counter() - t_all
