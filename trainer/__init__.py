@@ -1,49 +1,62 @@
 """fg-bus's trainer: a PyTorch training loop with transformers' (5.x) callback contract.
 
     from trainer import Trainer, TrainingArguments, TrainerCallback
+
+The names below are imported on first use, so that `import trainer.cli` (fg-train's `--help`, an argument
+error, the `--nproc-per-node` launcher) does not import torch, a second or more of CPU.
 """
 
-from ._utils import EvalLoopOutput, EvalPrediction, PredictionOutput, TrainOutput, set_seed
-from .callbacks import EVENTS, CallbackHandler, DefaultFlowCallback, TrainerCallback
-from .divergence import DivergenceDetector
-from .default_callbacks import EarlyStoppingCallback, InfoCallback, PrinterCallback, ProgressCallback
-from .state import ExportableState, TrainerControl, TrainerState
-from .bus_callback import BusCallback, attach_bus
-from .sink_callbacks import (AlertLogger, GradLogger, JsonLogger, TailLogger, TBLogger, TextgenCallback,
-                             TrackerLogger)
-from .trainer import Trainer
-from .training_args import IntervalStrategy, SaveStrategy, SchedulerType, TrainingArguments
+from __future__ import annotations
 
-__all__ = [
-    "AlertLogger",
-    "BusCallback",
-    "GradLogger",
-    "JsonLogger",
-    "TBLogger",
-    "TailLogger",
-    "TextgenCallback",
-    "TrackerLogger",
-    "EVENTS",
-    "CallbackHandler",
-    "DefaultFlowCallback",
-    "DivergenceDetector",
-    "EarlyStoppingCallback",
-    "EvalLoopOutput",
-    "EvalPrediction",
-    "ExportableState",
-    "InfoCallback",
-    "IntervalStrategy",
-    "PredictionOutput",
-    "PrinterCallback",
-    "ProgressCallback",
-    "SaveStrategy",
-    "SchedulerType",
-    "TrainOutput",
-    "Trainer",
-    "TrainerCallback",
-    "TrainerControl",
-    "TrainerState",
-    "TrainingArguments",
-    "set_seed",
-    "attach_bus",
-]
+import importlib
+
+#: each public name, and the module of this package that defines it
+_EXPORTS = {
+    "AlertLogger": "sink_callbacks",
+    "BusCallback": "bus_callback",
+    "CallbackHandler": "callbacks",
+    "DefaultFlowCallback": "callbacks",
+    "DivergenceDetector": "divergence",
+    "EVENTS": "callbacks",
+    "EarlyStoppingCallback": "default_callbacks",
+    "EvalLoopOutput": "_utils",
+    "EvalPrediction": "_utils",
+    "ExportableState": "state",
+    "GradLogger": "sink_callbacks",
+    "InfoCallback": "default_callbacks",
+    "IntervalStrategy": "training_args",
+    "JsonLogger": "sink_callbacks",
+    "PredictionOutput": "_utils",
+    "PrinterCallback": "default_callbacks",
+    "ProgressCallback": "default_callbacks",
+    "SaveStrategy": "training_args",
+    "SchedulerType": "training_args",
+    "TBLogger": "sink_callbacks",
+    "TailLogger": "sink_callbacks",
+    "TextgenCallback": "sink_callbacks",
+    "TrackerLogger": "sink_callbacks",
+    "TrainOutput": "_utils",
+    "Trainer": "trainer",
+    "TrainerCallback": "callbacks",
+    "TrainerControl": "state",
+    "TrainerState": "state",
+    "TrainingArguments": "training_args",
+    "attach_bus": "bus_callback",
+    "set_seed": "_utils",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # once: the next lookup finds it without coming here
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import _checkpoint as ckpt
+from ._launch import ARGV_ENV
 from ._utils import length_of
 
 NO_MARKER = "no run marker (saved by transformers, or by fg-train before run markers)"
@@ -185,10 +186,6 @@ def resume_target(output_dir: str | os.PathLike) -> Path | None:
     """The checkpoint `fg-train --resume` (no path) continues in `output_dir`: the one saved last."""
     chosen = newest(scan(output_dir))
     return chosen.path if chosen is not None else None
-
-
-#: the command line fg-train was started with, for the resume command its ranks print under --nproc-per-node
-ARGV_ENV = "FG_TRAIN_ARGV"
 
 
 def resume_command(argv: list[str], output_dir, checkpoint: Path | bool | None = True) -> str:

@@ -25,6 +25,7 @@ import inspect
 import re
 import sys
 import types
+from importlib import resources
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -188,6 +189,11 @@ _PlainLoader.add_implicit_resolver(
 def parse_value(text: str) -> Any:
     """A command-line value read as a YAML scalar the way a config reads it (`1e-4` is a float)."""
     return yaml.load(text, Loader=_PlainLoader) if text else ""
+
+
+def default_config_path() -> Path:
+    """The packaged config `fg-train` runs with no arguments."""
+    return Path(str(resources.files("trainer").joinpath("default.yaml")))
 
 
 def peek_arg(path: str | Path, name: str) -> str | None:

@@ -32,6 +32,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from ._launch import MAX_VOTE_EVERY, vote_every_from_env
 from .callbacks import DefaultFlowCallback
 from .state import TrainerControl
 
@@ -48,7 +49,6 @@ _every = 1  # K, agreed: steps between the issue of an all-reduce of the votes a
 _issued = None  # (perf_counter, step) of the last issue: this rank's step time
 _forced_every = None  # FG_CONTROL_VOTE_EVERY (0: auto), read at setup or at the first issue
 _AUTO_INTERVAL_S = 0.1  # auto: agree about this often
-_MAX_EVERY = 64
 _EVERY_SHIFT = 8
 _recent: collections.deque = collections.deque(maxlen=16)  # the tensors of the latest all-reduces (`settle`)
 _SETTLE_TIMEOUT_S = 5.0
@@ -170,7 +170,7 @@ def _issue_votes(step: int) -> None:
     else:
         step_s = (now - _issued[0]) / (step - _issued[1])
         wanted = 1
-        while wanted < _MAX_EVERY and wanted * step_s < _AUTO_INTERVAL_S:
+        while wanted < MAX_VOTE_EVERY and wanted * step_s < _AUTO_INTERVAL_S:
             wanted *= 2
     if _vote_box is None:
         _make_vote_box()
@@ -210,17 +210,6 @@ def _make_vote_box() -> None:
     global _vote_box, _vote_view
     _vote_box = torch.zeros(1, dtype=torch.int64)
     _vote_view = _vote_box.numpy()  # filled and read through numpy: no tensor op on the training thread
-
-
-def vote_every_from_env() -> int:
-    """FG_CONTROL_VOTE_EVERY: "auto" (or unset) for 0, else a power of two from 1 to 64."""
-    value = os.environ.get("FG_CONTROL_VOTE_EVERY", "auto").strip()
-    if value in ("", "auto"):
-        return 0
-    if value.isdigit() and 1 <= int(value) <= _MAX_EVERY and int(value) & (int(value) - 1) == 0:
-        return int(value)
-    raise ValueError(f"FG_CONTROL_VOTE_EVERY={value!r}: use auto, or a power of two from 1 to {_MAX_EVERY} (the "
-                     "number of steps between two agreements of the ranks' control votes; 1 is every step)")
 
 
 def _scheduled_flags(args, state) -> set[str]:

@@ -13,14 +13,13 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import logging
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from fg_bus.security import InsecureBus
 
 from .callbacks import EVENTS, TrainerCallback
-from .config import ConfigError, LoadedConfig, load_config
+from .config import ConfigError, LoadedConfig, default_config_path, load_config
 from .trainer import Trainer
 from .training_args import TrainingArguments
 
@@ -28,11 +27,6 @@ logger = logging.getLogger(__name__)
 
 TRAINER_KEYS = ("model", "args", "train_dataset", "eval_dataset", "data_collator", "processing_class", "tokenizer",
                 "compute_loss_func", "trainer_callbacks")
-
-
-def default_config_path() -> Path:
-    """The packaged config `fg-train` runs with no arguments."""
-    return Path(str(resources.files("trainer").joinpath("default.yaml")))
 
 
 def build_training_args(config: LoadedConfig, overrides: dict[str, Any]) -> TrainingArguments:

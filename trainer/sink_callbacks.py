@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from .bus_callback import _factory_of, active_bus
+from ._trackers import TRACKER_KINDS
 from .callbacks import TrainerCallback
 
 logger = logging.getLogger(__name__)
@@ -295,18 +296,6 @@ class AlertLogger(SinkProcess):
 
 
 #: the trackers `TrackerLogger` (and `fg-train --sinks`) can replay into; each needs its extra (its client)
-TRACKER_KINDS = ("mlflow", "wandb", "trackio")
-
-
-def tracker_missing(kind: str) -> str | None:
-    """Why `fg-sink KIND` cannot run here (its client library is not installed), or None."""
-    import importlib.util
-
-    if importlib.util.find_spec(kind) is None:
-        return f"the {kind} sink needs the {kind} extra: pip install 'fg-bus[{kind}]'"
-    return None
-
-
 class TrackerLogger(SinkProcess):
     """A run replayed into a tracker, `fg-sink KIND` for KIND mlflow, wandb or trackio, in its own process
     (the tracker's client never runs in the training process): configured the tracker's usual way, by its

@@ -146,3 +146,41 @@ def test_python_dash_m_trainer_help(tmp_path):
     assert "usage:" in proc.stdout
     for option in OPTIONS:
         assert option in proc.stdout, option
+
+
+# fg-train in a process of its own that says, at the end, whether torch was imported; torchrun is not
+# started: Popen is replaced by one that prints the command and "exits" 0.
+NO_TORCH_PROBE = """
+import subprocess, sys
+class Ran:
+    def __init__(self, command, **kwargs):
+        print("COMMAND", command)
+    def wait(self):
+        return 0
+subprocess.Popen = Ran
+from trainer import cli
+try:
+    code = cli.main(sys.argv[1:])
+except SystemExit as e:
+    code = e.code
+print("EXIT", code, "TORCH", "torch" in sys.modules)
+"""
+
+
+@pytest.mark.parametrize("argv, code", [
+    (["--help"], 0),
+    (["--max-steps", "0"], 2),
+    (["--seed", "-1"], 2),
+    (["--sinks", "tb,nope"], 2),
+    (["--nproc-per-node", "2", "--device", "cpu", "--output-dir", "OUT", "--max-steps", "3"], 0),
+])
+def test_the_command_line_is_checked_and_torchrun_launched_without_importing_torch(tmp_path, argv, code):
+    """`--help`, a mistake in the arguments and the `--nproc-per-node` launcher (which only waits for
+    torchrun) answer in a fraction of a second: torch, over a second to import, is not."""
+    proc = subprocess.run([sys.executable, "-c", NO_TORCH_PROBE, *argv], cwd=tmp_path, env=_env(),
+                          capture_output=True, text=True, timeout=QUICK_TIMEOUT)
+    assert proc.stdout.splitlines()[-1] == f"EXIT {code} TORCH False", _explain(proc)
+    if "--nproc-per-node" in argv:
+        (command,) = [line for line in proc.stdout.splitlines() if line.startswith("COMMAND")]
+        assert "'torch.distributed.run', '--standalone', '--nproc-per-node=2', '-m', 'trainer'" in command
+        assert "'--output-dir', 'OUT', '--max-steps', '3'" in command

@@ -143,7 +143,7 @@ def test_fg_bus_ctl_stop_names_the_command_and_who_sent_it(tmp_path, cmd):
 
 
 def test_a_signal_makes_it_interrupted_naming_the_signal(tmp_path):
-    # fg-train's handler for SIGINT / SIGTERM queues exactly this request (trainer/cli.py _stop_on_signals)
+    # fg-train's handler for SIGINT / SIGTERM queues exactly this request (trainer/_command.py _stop_on_signals)
     slow = Slow(lambda bus: bus.publisher.request_control("stop", source="signal SIGTERM"))
     _, bus, _ = train(tmp_path, [slow], max_steps=100_000)
     end, _, _ = ending(bus)

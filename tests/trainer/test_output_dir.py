@@ -240,12 +240,12 @@ def test_start_notes_say_may_overwrite_when_the_save_steps_are_not_known(tmp_pat
 
 
 def test_a_run_by_epochs_is_refused_after_the_build_when_its_checkpoint_is_at_the_end(tmp_path, capsys):
-    from trainer import cli
+    from trainer import _command, cli
 
     done = fake_checkpoint(tmp_path, 8, lineage="a", run="run-a", max_steps=8)
     t = trainer_in(tmp_path, num_train_epochs=1)  # 16 examples, 2 a batch: 8 steps
     assert od.planned_max_steps(t) == 8
     plan = od.plan_resume(tmp_path, str(done), ARGV, max_steps=None)
     assert plan.error is None
-    assert cli._check_output_dir(t, plan, ARGV, rank=0) == cli.EXIT_USAGE
+    assert _command._check_output_dir(t, plan, ARGV, rank=0) == cli.EXIT_USAGE
     assert "is at step 8, and this run trains to step 8 (max_steps): nothing is left to train" in capsys.readouterr().err
