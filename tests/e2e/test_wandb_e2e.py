@@ -24,6 +24,7 @@ from sinks.wandb_sink import wandb_id  # noqa: E402
 
 BIN = Path(sys.executable).parent
 TINY = Path(__file__).with_name("tiny.yaml")
+HOLD_AT_STEP = Path(__file__).with_name("monitoring.yaml")  # tiny.yaml with a step that hangs
 ROW_EVENTS = {"on_log", "on_step_end", "grad_stats", "system", "on_predict", "warning", "alert", "control", "end"}
 
 
@@ -35,9 +36,9 @@ def environment(fg_home: Path, tmp_path: Path) -> dict:
     return env
 
 
-def fg_train(env: dict, out: Path, max_steps: int) -> subprocess.Popen:
-    return subprocess.Popen([str(BIN / "fg-train"), str(TINY), "--device", "cpu", "--output-dir", str(out),
-                             "--max-steps", str(max_steps)], stdout=subprocess.DEVNULL,
+def fg_train(env: dict, out: Path, max_steps: int, *args: str, config: Path = TINY) -> subprocess.Popen:
+    return subprocess.Popen([str(BIN / "fg-train"), str(config), "--device", "cpu", "--output-dir", str(out),
+                             "--max-steps", str(max_steps), *args], stdout=subprocess.DEVNULL,
                             stderr=open(out.parent / "train.log", "wb"), env=env, start_new_session=True)
 
 
@@ -117,7 +118,10 @@ def test_a_killed_trainer_ends_the_wandb_run_failed(fg_home, tmp_path):
     env = environment(fg_home, tmp_path)
     out = tmp_path / "out"
     out.mkdir()
-    train = fg_train(env, out, max_steps=100000)
+    # The run holds at step 30 (until it is killed): the journal the sink has to catch up on stays short
+    # however far behind a loaded machine leaves the sink, instead of growing with a trainer that runs on.
+    train = fg_train(env, out, 100, "--var", "hold_step=30", "--var", f"release={tmp_path / 'never'}",
+                     config=HOLD_AT_STEP)
     info = run_info(out)
     sink = fg_sink(env, tmp_path, info.run_id)
     wait_for("W&B history", lambda: segments(tmp_path, info) and len(_wandb_file.history(segments(tmp_path, info)[0])) > 20)
