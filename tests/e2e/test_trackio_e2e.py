@@ -17,6 +17,7 @@ from fg_bus import read_journal
 
 BIN = Path(sys.executable).parent
 TINY = Path(__file__).with_name("tiny.yaml")
+HOLD_AT_STEP = Path(__file__).with_name("monitoring.yaml")  # tiny.yaml with a step that hangs
 PROJECT = "fg-e2e"
 SINGLE = ("train_runtime", "train_samples_per_second", "train_steps_per_second", "train_loss", "total_flos")
 
@@ -39,8 +40,8 @@ def env(fg_home: Path, store: Path) -> dict:
     return {**os.environ, "FG_HOME": str(fg_home), "OMP_NUM_THREADS": "1", "TRACKIO_DIR": str(store)}
 
 
-def fg_train(fg_home: Path, store: Path, out: Path, max_steps: int, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([str(BIN / "fg-train"), str(TINY), "--device", "cpu", "--output-dir", str(out),
+def fg_train(fg_home: Path, store: Path, out: Path, max_steps: int, *args: str, config: Path = TINY) -> subprocess.Popen:
+    return subprocess.Popen([str(BIN / "fg-train"), str(config), "--device", "cpu", "--output-dir", str(out),
                              "--max-steps", str(max_steps), "--system-interval", "0.2", *args],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env(fg_home, store))
 
@@ -166,7 +167,10 @@ def test_a_sink_killed_mid_run_and_restarted_and_one_started_late(fg_home, tmp_p
 
 def test_a_sigkilled_trainer_ends_the_trackio_run_dead(fg_home, tmp_path):
     store, out = tmp_path / "store", tmp_path / "out"
-    train = fg_train(fg_home, store, out, 1_000_000)
+    # The run holds at step 30 (until it is killed): the journal the sink has to catch up on stays short
+    # however far behind a loaded machine leaves the sink.
+    train = fg_train(fg_home, store, out, 100, "--var", "hold_step=30", "--var", f"release={tmp_path / 'never'}",
+                     config=HOLD_AT_STEP)
     try:
         run_dir = bus_dir(out)
         sink = fg_sink(fg_home, store, run_dir, "--dead-after", "1")
